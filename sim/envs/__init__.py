@@ -1,0 +1,1 @@
+"""Our own robosuite environments; importing this module registers them with robosuite."""

@@ -1,0 +1,181 @@
+"""Checkpoint folders that never unpickle.
+
+    <dir>/config.yaml              the resolved config that rebuilds the policy
+    <dir>/<part>.safetensors       weights, normalizer statistics, ... (one file per part)
+    <dir>/spec.json                format version, policy class, observation/action spec,
+                                   provenance, and the sha256 of every other file
+
+Loading checks the format version, that every listed file exists and hashes to what spec.json says
+(a tampered or truncated file is rejected by name), and leaves it to the policy class to check that
+every tensor it expects is present with the right shape (`check_state_dict`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+FORMAT = "robomosaic-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the folder and the culprit."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    spec: dict[str, Any]
+    parts: dict[str, dict[str, torch.Tensor]]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance() -> dict[str, Any]:
+    """Where and when a checkpoint was made: enough to find the code that made it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": commit,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    policy_class: str,
+    config: Mapping[str, Any],
+    parts: Mapping[str, Mapping[str, torch.Tensor]],
+    spec: Mapping[str, Any],
+) -> Path:
+    """Write a checkpoint folder; files are written first and spec.json (with their hashes) last."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    (path / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    files["config.yaml"] = _sha256(path / "config.yaml")
+    for name, tensors in parts.items():
+        if not name.isidentifier():
+            raise CheckpointError(f"checkpoint part name {name!r} must be an identifier")
+        file = path / f"{name}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file))
+        files[file.name] = _sha256(file)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "policy_class": policy_class,
+        **dict(spec),
+        "provenance": provenance(),
+        "files": files,
+    }
+    tmp = path / "spec.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(path / "spec.json")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint folder (see module docstring)."""
+    path = Path(path)
+    spec_file = path / "spec.json"
+    if not spec_file.is_file():
+        raise CheckpointError(f"{path}: not a robomosaic checkpoint (no spec.json)")
+    try:
+        spec = json.loads(spec_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{spec_file}: not valid json: {e}") from None
+    if spec.get("format") != FORMAT:
+        raise CheckpointError(f"{spec_file}: format is {spec.get('format')!r}, expected {FORMAT!r}")
+    if spec.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{spec_file}: format_version {spec.get('format_version')!r} is not supported "
+            f"(this robomosaic reads version {FORMAT_VERSION})"
+        )
+    files = spec.get("files")
+    if not isinstance(files, dict) or "config.yaml" not in files:
+        raise CheckpointError(f"{spec_file}: the 'files' table is missing or lacks config.yaml")
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: file {name} listed in spec.json is missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(
+                f"{file}: contents do not match its sha256 in spec.json (modified or corrupt)"
+            )
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path / 'config.yaml'}: expected a mapping")
+    parts = {
+        name.removesuffix(".safetensors"): load_file(str(path / name))
+        for name in files
+        if name.endswith(".safetensors")
+    }
+    return Checkpoint(path=path, config=config, spec=spec, parts=parts)
+
+
+def check_state_dict(
+    where: str, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]
+) -> None:
+    """Raise a CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    for key, value in expected.items():
+        if tuple(found[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{where}: tensor {key!r} has shape {tuple(found[key].shape)}, "
+                f"the config builds {tuple(value.shape)}"
+            )
+
+
+POLICY_CLASSES: dict[str, Callable[[Checkpoint], Any]] = {}
+
+
+def register_policy(name: str) -> Callable[[Callable[[Checkpoint], Any]], Callable[[Checkpoint], Any]]:
+    """Register a loader `from_checkpoint(ckpt) -> policy` under the policy class name in spec.json."""
+
+    def wrap(loader: Callable[[Checkpoint], Any]) -> Callable[[Checkpoint], Any]:
+        POLICY_CLASSES[name] = loader
+        return loader
+
+    return wrap
+
+
+def load_policy(path: str | Path) -> Any:
+    """Any policy of the project, from its checkpoint folder."""
+    ckpt = read_checkpoint(path)
+    name = ckpt.spec.get("policy_class")
+    if name not in POLICY_CLASSES:
+        raise CheckpointError(
+            f"{ckpt.path}: policy class {name!r} is unknown; known: {sorted(POLICY_CLASSES)}"
+        )
+    return POLICY_CLASSES[name](ckpt)

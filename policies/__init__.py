@@ -1,0 +1,41 @@
+"""Policies: everything that maps observations to actions.
+
+The core contract (docs/design.md): every generative policy exposes
+``denoise(x, sigma, cond) -> x0_hat`` in the VE noise coordinate; samplers only call that.
+"""
+
+from robomosaic.policies.noise import (
+    PROCESSES,
+    DDPMProcess,
+    Denoiser,
+    EDMProcess,
+    FlowMatchingProcess,
+    NoiseProcess,
+    TrainingExample,
+    make_process,
+)
+from robomosaic.policies.samplers import (
+    SAMPLERS,
+    Composition,
+    GradientGuidance,
+    Guidance,
+    Inpainting,
+    sample,
+)
+
+__all__ = [
+    "PROCESSES",
+    "SAMPLERS",
+    "Composition",
+    "DDPMProcess",
+    "Denoiser",
+    "EDMProcess",
+    "FlowMatchingProcess",
+    "GradientGuidance",
+    "Guidance",
+    "Inpainting",
+    "NoiseProcess",
+    "TrainingExample",
+    "make_process",
+    "sample",
+]

@@ -1,0 +1,195 @@
+"""Samplers that only ever call the ``denoise(x, sigma, cond) -> x0_hat`` contract.
+
+All of them integrate in the VE coordinate ``x = a + sigma * n`` over a decreasing sigma schedule
+ending at 0 (the process's natural one unless given):
+
+- ``ddim``: x' = x0_hat + sigma' * eps_hat (eta = 0), or with fresh noise for eta > 0 (the DDIM
+  variance rewritten in sigma; eta = 1 on the full training schedule is DDPM ancestral sampling);
+- ``euler``: the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma, one Euler step per interval.
+  In VE coordinates this is algebraically the same update as DDIM with eta = 0 (Karras et al. 2022,
+  sec. 4), and for a flow model it is the Euler step in t;
+- ``heun``: EDM Algorithm 1 (2nd order; the last step to sigma = 0 is an Euler step).
+
+Hooks, applied at every evaluation: several denoisers combined by convex weights (GPC composition:
+the weighted mean of x0_hat is the convex combination of scores), a guidance term added to x0_hat
+(a score shift times sigma^2, DynaGuide), and ``on_step`` that may overwrite the state after each
+step (inpainting committed actions for real-time chunking).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from robomosaic.policies.noise import Denoiser, NoiseProcess, expand_sigma
+
+SAMPLERS = ("ddim", "euler", "heun")
+
+
+class Guidance(Protocol):
+    """``guide(x0_hat, x, sigma, cond) -> delta`` added to x0_hat (= sigma^2 times a score shift)."""
+
+    def __call__(self, x0_hat: Tensor, x: Tensor, sigma: Tensor, cond: Any) -> Tensor: ...
+
+
+OnStep = Callable[[Tensor, Tensor, int], Tensor]
+"""``on_step(x, sigma, step) -> x``: called with the state at its new sigma after each step."""
+
+
+class Composition:
+    """Weighted mean of several denoisers' x0_hat at the same (x, sigma): a convex combination of
+    their scores. ``allow_negative=True`` admits negative weights (still summing to 1), the
+    extrapolating "AND NOT" style of composition, which leaves the convex hull of the parents."""
+
+    def __init__(self, denoisers: Sequence[Denoiser], weights: Sequence[float], allow_negative: bool = False):
+        if len(denoisers) == 0:
+            raise ValueError("composition needs at least one denoiser")
+        if len(weights) != len(denoisers):
+            raise ValueError(f"got {len(weights)} weights for {len(denoisers)} denoisers")
+        if not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
+            raise ValueError(f"composition weights {list(weights)} must sum to 1 (sum {sum(weights)})")
+        if not allow_negative and min(weights) < 0:
+            raise ValueError(
+                f"composition weights {list(weights)} must be >= 0 (or pass allow_negative=True)"
+            )
+        self.denoisers = list(denoisers)
+        self.weights = [float(w) for w in weights]
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        return sum(w * d(x, sigma, cond) for d, w in zip(self.denoisers, self.weights, strict=True))
+
+
+class GradientGuidance:
+    """Guidance from a differentiable ``log_prob(a, cond)`` of a goal given clean actions.
+
+    The exact x0_hat shift is sigma^2 * grad_x log p(goal | x). With p(goal | x) ~ p(goal | x0_hat)
+    and the Jacobian of x0_hat replaced by the posterior covariance of a Gaussian with std
+    ``sigma_data`` (Cov[a | x] = sigma^2 * d x0_hat / dx), the shift is
+    ``scale * sigma_data^2 sigma^2 / (sigma_data^2 + sigma^2) * grad_a log p(goal | a)`` at
+    a = x0_hat: it needs only the goal model's gradient, not a backward pass through the policy.
+    """
+
+    def __init__(
+        self, log_prob: Callable[[Tensor, Any], Tensor], scale: float = 1.0, sigma_data: float = 0.5
+    ):
+        self.log_prob, self.scale, self.sigma_data = log_prob, scale, sigma_data
+
+    def __call__(self, x0_hat: Tensor, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        with torch.enable_grad():
+            a = x0_hat.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.log_prob(a, cond).sum(), a)
+        s2 = expand_sigma(sigma, x0_hat) ** 2
+        sd2 = self.sigma_data**2
+        return self.scale * sd2 * s2 / (sd2 + s2) * grad
+
+
+class Inpainting:
+    """``on_step`` that overwrites the known part of the chunk: where ``mask`` is True, x becomes
+    ``known + sigma * n`` with one noise draw ``n`` reused along the trajectory, so at sigma = 0 the
+    known actions come out exactly. ``mask`` and ``known`` broadcast against the chunk."""
+
+    def __init__(self, mask: Tensor, known: Tensor, generator: torch.Generator | None = None):
+        self.mask, self.known, self.generator = mask.bool(), known, generator
+        self._noise: Tensor | None = None
+
+    def __call__(self, x: Tensor, sigma: Tensor, step: int) -> Tensor:
+        if self._noise is None or self._noise.shape != x.shape:
+            self._noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
+        noisy_known = self.known.to(x) + expand_sigma(sigma, x) * self._noise
+        return torch.where(self.mask.to(x.device), noisy_known, x)
+
+
+def guided(denoiser: Denoiser, guidance: Guidance | None) -> Denoiser:
+    if guidance is None:
+        return denoiser
+
+    def denoise(x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        x0_hat = denoiser(x, sigma, cond)
+        return x0_hat + guidance(x0_hat, x, sigma, cond)
+
+    return denoise
+
+
+def sample(
+    denoiser: Denoiser | Sequence[Denoiser],
+    shape: Sequence[int],
+    cond: Any,
+    steps: int,
+    process: NoiseProcess,
+    sampler: str = "ddim",
+    *,
+    weights: Sequence[float] | None = None,
+    allow_negative_weights: bool = False,
+    guidance: Guidance | None = None,
+    on_step: OnStep | None = None,
+    eta: float = 0.0,
+    sigmas: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draw clean action chunks of ``shape`` (batch, horizon, action_dim).
+
+    ``cond`` is the already encoded observation, handed unchanged to every ``denoise`` call.
+    ``sigmas`` overrides ``process.sigmas(steps)``; the initial state is
+    ``process.prior_scale(sigmas[0]) * noise`` (``noise`` ~ N(0, I) drawn from ``generator`` if None).
+    Several denoisers need ``weights`` (see ``Composition``). Returns x at the last sigma (0: clean).
+    Gradients are not disabled here; callers wrap in ``torch.no_grad()`` as they need.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}, expected one of {SAMPLERS}")
+    if eta < 0 or (eta > 0 and sampler != "ddim"):
+        raise ValueError(f"eta={eta}: must be >= 0 and is only used by the 'ddim' sampler")
+    if isinstance(denoiser, Sequence):
+        if weights is None:
+            raise ValueError(f"{len(denoiser)} denoisers given without weights")
+        denoiser = Composition(denoiser, weights, allow_negative=allow_negative_weights)
+    elif weights is not None:
+        raise ValueError("weights given for a single denoiser")
+    denoise = guided(denoiser, guidance)
+
+    sigmas = process.sigmas(steps) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 2 or bool((sigmas[1:] >= sigmas[:-1]).any()) or sigmas[-1] < 0:
+        raise ValueError(f"sigmas must be a strictly decreasing 1-D schedule >= 0, got {sigmas.tolist()}")
+    if noise is None:
+        noise = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+    elif tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+    x = process.prior_scale(sigmas[0]).item() * noise
+    batch = x.shape[0]
+
+    for i in range(len(sigmas) - 1):
+        s, s_next = (
+            torch.full((batch,), float(v), dtype=x.dtype, device=x.device) for v in sigmas[i : i + 2]
+        )
+        x0_hat = denoise(x, s, cond)
+        if sampler == "ddim":
+            x = _ddim_step(x, x0_hat, s, s_next, eta, generator)
+        elif sampler == "euler" or sigmas[i + 1] == 0:
+            x = x + expand_sigma(s_next - s, x) * (x - x0_hat) / expand_sigma(s, x)
+        else:  # heun
+            d = (x - x0_hat) / expand_sigma(s, x)
+            x_euler = x + expand_sigma(s_next - s, x) * d
+            d_next = (x_euler - denoise(x_euler, s_next, cond)) / expand_sigma(s_next, x)
+            x = x + expand_sigma(s_next - s, x) * (d + d_next) / 2
+        if on_step is not None:
+            x = on_step(x, s_next, i)
+    return x
+
+
+def _ddim_step(
+    x: Tensor, x0_hat: Tensor, s: Tensor, s_next: Tensor, eta: float, generator: torch.Generator | None
+) -> Tensor:
+    eps = (x - x0_hat) / expand_sigma(s, x)
+    if eta == 0:
+        return x0_hat + expand_sigma(s_next, x) * eps
+    # DDIM's sigma_t (Song et al. eq. 16) in VP, divided by sqrt(alpha_bar_prev), is this VE std.
+    s_up = (eta * s_next * (s**2 - s_next**2).clamp(min=0).sqrt() / s).clamp(max=s_next)
+    s_down = (s_next**2 - s_up**2).clamp(min=0).sqrt()
+    z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return x0_hat + expand_sigma(s_down, x) * eps + expand_sigma(s_up, x) * z

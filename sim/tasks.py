@@ -12,6 +12,7 @@ is (dx, dy, dz, dax, day, daz, gripper) in [-1, 1], scaled by the controller to 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ ACTION_SPEC = KeySpec(
     "world",
     "OSC_POSE delta: dx, dy, dz (x 0.05 m), dax, day, daz (x 0.5 rad), gripper (+1 closes)",
 )
+
+
+def _only_errors(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,10 @@ class Task:
     ) -> None:
         if name not in TASKS:
             raise KeyError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
+        # robosuite logs several INFO/WARNING lines per environment (missing optional robot models,
+        # unused controller parts); a filter, unlike a level, survives robosuite's own logger setup
+        # at import time. Errors still show.
+        logging.getLogger("robosuite_logs").addFilter(_only_errors)
         import robosuite
         from robosuite import macros
         from robosuite.controllers import load_composite_controller_config
@@ -156,7 +165,9 @@ class Task:
         """Apply one 20 Hz action; terminated means success, truncated means out of steps."""
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape != ACTION_SPEC.shape:
-            raise ValueError(f"task {self.name}: action has shape {action.shape}, expected {ACTION_SPEC.shape}")
+            raise ValueError(
+                f"task {self.name}: action has shape {action.shape}, expected {ACTION_SPEC.shape}"
+            )
         if not np.all(np.isfinite(action)):
             raise ValueError(f"task {self.name}: action is not finite: {action}")
         raw, reward, _, _ = self.env.step(np.clip(action, -1.0, 1.0))

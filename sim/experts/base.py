@@ -76,3 +76,22 @@ class WaypointExpert:
                 self.index += 1
                 self.steps_in_waypoint = 0
         return action
+
+
+def yaw(quat_xyzw: np.ndarray) -> float:
+    """Heading (radians) of a frame's x axis projected on the table plane."""
+    from robosuite.utils.transform_utils import quat2mat
+
+    x_axis = quat2mat(np.asarray(quat_xyzw, dtype=np.float64))[:, 0]
+    return float(np.arctan2(x_axis[1], x_axis[0]))
+
+
+def yaw_error(eef_quat: np.ndarray, object_quat: np.ndarray, symmetry: float = np.pi / 2) -> float:
+    """The yaw rotation that aligns the gripper with an object symmetric under `symmetry` radians.
+
+    For a cube (symmetric every quarter turn) the result lies in [-pi/4, pi/4): the gripper never
+    turns more than 45 degrees. A positive value is a counter-clockwise turn about world z, which is
+    the sign of OSC_POSE's `daz`.
+    """
+    error = yaw(object_quat) - yaw(eef_quat)
+    return float((error + symmetry / 2) % symmetry - symmetry / 2)

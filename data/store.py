@@ -1,0 +1,554 @@
+"""A zarr store of demonstration episodes, appended one episode at a time.
+
+Layout (zarr format 3, one local directory)::
+
+    <root>/zarr.json             attributes: format, version, spec (DatasetSpec.to_dict())
+    <root>/data/<key>            (n_steps, *shape) episodes end to end along time, time-chunked, Blosc
+    <root>/meta/episode_ends     (n_episodes,) int64, exclusive end of every episode along time
+    <root>/meta/<field>          (n_episodes,) seed, success, task, behaviour, duration
+
+Crash safety. zarr's LocalStore writes every file (an array's ``zarr.json`` or one chunk) into a
+temporary ``*.partial`` file and renames it over the target, so a killed process leaves each file
+either old or new, never half written. Growing an array is two such writes: ``zarr.json`` with the
+new shape first, then the chunks. An append therefore writes the data arrays, then the per-episode
+meta arrays, and ``meta/episode_ends`` last: until its new entry is in place, the episode does not
+exist and readers see extra steps past the last episode end (a tail), which `open` drops with a
+warning. The one torn state of ``episode_ends`` itself is "shape grown, chunk not yet written"; the
+new entry then reads as the fill value 0, which no real episode end can be (episodes have at least one
+step), so `open` recognises and drops it. To keep that true, entries are zeroed before the array is
+ever shrunk, so stale values never reappear past the shape. zarr does not fsync: this protects against
+a killed process, not against losing power.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from numcodecs import blosc
+from zarr.codecs import BloscCodec, BytesCodec
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.sync import sync
+
+from robomosaic.data.spec import DatasetSpec, KeySpec
+
+FORMAT = "robomosaic.episode_store"
+FORMAT_VERSION = 1
+
+# Per-episode metadata: field -> dtype. Fields missing from `append_episode(meta=...)` get defaults
+# (`_meta_defaults`), except `success`, which a recorder must always state.
+META_FIELDS: dict[str, str] = {
+    "seed": "int64",
+    "success": "bool",
+    "task": "str",
+    "behaviour": "str",
+    "duration": "float64",
+}
+
+# Time-chunk sizes. Images (uint8 HWC) get small chunks because training reads a couple of frames at
+# random times and a whole chunk is decompressed per read (3 frames of 84x84x3 = 64 kB); low
+# dimensional keys are tiny per step, so chunks of ~1 MB keep the file count low and a whole array
+# usually fits in a few chunks (diffusion_policy's ReplayBuffer uses ~2 MB time chunks the same way).
+IMAGE_CHUNK_BYTES = 1 << 16
+LOWDIM_CHUNK_BYTES = 1 << 20
+META_CHUNK = 4096
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+class StoreError(ValueError):
+    """A store that cannot be opened or written as asked; the message names path, key and episode."""
+
+
+def time_chunk(key_spec: KeySpec) -> int:
+    """Number of time steps per chunk for a key."""
+    step_bytes = np.dtype(key_spec.dtype).itemsize * math.prod(key_spec.shape)
+    target = IMAGE_CHUNK_BYTES if key_spec.is_image else LOWDIM_CHUNK_BYTES
+    return max(1, target // max(1, step_bytes))
+
+
+def _compressor(dtype: str) -> BloscCodec:
+    # lz4 decompresses fastest; byte shuffle helps multi-byte numbers and is useless for uint8/bool.
+    shuffle = "shuffle" if np.dtype(dtype).itemsize > 1 else "noshuffle"
+    return BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
+
+
+class EpisodeStore:
+    """Episodes of time-stepped arrays in one zarr directory (see the module docstring).
+
+    Create with `create`, read or append with `open`, or `open_or_create`. With ``in_memory=True``
+    every array is loaded into numpy at open (read only), which is what training wants.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        spec: DatasetSpec,
+        mode: str,
+        root: zarr.Group | None,
+        data: dict[str, Any],
+        meta: dict[str, Any],
+        episode_ends: np.ndarray,
+        cache_bytes: int = 0,
+    ) -> None:
+        self.path = path
+        self.spec = spec
+        self.mode = mode
+        self._root = root
+        self._data = data
+        self._meta = meta
+        self._ends = episode_ends
+        self._reader = _ChunkReader(path, cache_bytes)
+
+    # ------------------------------------------------------------------ creation / opening
+
+    @classmethod
+    def create(cls, path: str | Path, spec: DatasetSpec, overwrite: bool = False) -> EpisodeStore:
+        """Create an empty store at `path` (a directory); refuse to replace one unless `overwrite`."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise StoreError(f"{path}: already exists (open it, or pass overwrite=True to replace it)")
+        if not spec.keys:
+            raise StoreError(f"{path}: the spec has no keys")
+        root = zarr.open_group(path, mode="w", zarr_format=3)
+        root.attrs.update({"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.to_dict()})
+        data_group = root.create_group("data")
+        for key, ks in spec.keys.items():
+            data_group.create_array(
+                key,
+                shape=(0, *ks.shape),
+                chunks=(time_chunk(ks), *ks.shape),
+                dtype=ks.dtype,
+                compressors=[_compressor(ks.dtype)],
+                fill_value=0,
+            )
+        meta_group = root.create_group("meta")
+        meta_group.create_array("episode_ends", shape=(0,), chunks=(META_CHUNK,), dtype="int64", fill_value=0)
+        for field, dtype in META_FIELDS.items():
+            meta_group.create_array(field, shape=(0,), chunks=(META_CHUNK,), dtype=dtype)
+        return cls.open(path, mode="a")
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        mode: str = "r",
+        in_memory: bool = False,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> EpisodeStore:
+        """Open and validate a store. mode "r" reads, "a" also appends (and repairs a crash tail).
+
+        `cache_bytes` bounds the decompressed chunks `read_frames` keeps (on disk only).
+        """
+        path = Path(path)
+        if mode not in ("r", "a"):
+            raise StoreError(f"{path}: mode must be 'r' or 'a', got {mode!r}")
+        if in_memory and mode != "r":
+            raise StoreError(f"{path}: an in-memory store is read only; open it with mode='r'")
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"{path}: not a zarr store (no zarr.json)")
+        try:
+            root = zarr.open_group(path, mode="r+" if mode == "a" else "r", zarr_format=3)
+        except Exception as e:  # zarr raises several types for a broken hierarchy
+            raise StoreError(f"{path}: cannot open as a zarr group: {e}") from e
+        spec = _read_spec(path, root)
+        data, meta, ends = _validate(path, root, spec, repair=mode == "a")
+        if mode == "a":
+            for partial in path.rglob("*.partial"):  # temp files of writes that a kill interrupted
+                partial.unlink(missing_ok=True)
+        if in_memory:
+            n = int(ends[-1]) if len(ends) else 0
+            data = {k: a[:n] for k, a in data.items()}
+            meta = {k: a[: len(ends)] for k, a in meta.items()}
+            root = None
+        return cls(path, spec, mode, root, data, meta, ends, cache_bytes)
+
+    @classmethod
+    def open_or_create(cls, path: str | Path, spec: DatasetSpec) -> EpisodeStore:
+        """Open `path` for appending if it exists (its schema must equal `spec`), else create it."""
+        path = Path(path)
+        if not path.exists():
+            return cls.create(path, spec)
+        store = cls.open(path, mode="a")
+        _check_same_schema(path, store.spec, spec)
+        return store
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        """Exclusive end index of every episode along time (a copy)."""
+        return self._ends.copy()
+
+    @property
+    def n_episodes(self) -> int:
+        return len(self._ends)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    @property
+    def in_memory(self) -> bool:
+        return self._root is None
+
+    def episode_slice(self, i: int) -> slice:
+        i = self._episode_index(i)
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return slice(start, int(self._ends[i]))
+
+    def episode(self, i: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """All steps of episode `i` for `keys` (default: every key)."""
+        sl = self.episode_slice(i)
+        return {k: np.asarray(self.array(k)[sl]) for k in self._keys(keys)}
+
+    def episode_meta(self, i: int) -> dict[str, Any]:
+        i = self._episode_index(i)
+        out = {}
+        for field in META_FIELDS:
+            value = np.asarray(self._meta[field][i : i + 1])[0]
+            out[field] = value.item() if isinstance(value, np.generic) else value
+        return out
+
+    def array(self, key: str) -> Any:
+        """The whole array of `key` (zarr array on disk, numpy in memory). Its length may exceed
+        `n_steps` by an uncommitted tail in read mode; index it with episode slices."""
+        if key not in self._data:
+            raise StoreError(f"{self.path}: no key {key!r} (keys: {sorted(self._data)})")
+        return self._data[key]
+
+    def read_frames(self, key: str, frames: np.ndarray) -> np.ndarray:
+        """Rows `frames` (global time indices, any order and shape) of `key`: (*frames.shape, *shape).
+
+        On disk every chunk is read and decompressed once however many frames of it are asked
+        for, and kept in a per-process cache of `cache_bytes` (see `_ChunkReader`).
+        """
+        arr = self.array(key)
+        frames = np.asarray(frames, dtype=np.int64)
+        if isinstance(arr, np.ndarray):
+            return arr[frames]
+        if frames.size and (frames.min() < 0 or frames.max() >= self.n_steps):
+            raise IndexError(f"{self.path}: key {key!r}: frames outside [0, {self.n_steps})")
+        return self._reader.read(key, arr, frames)
+
+    def meta_array(self, field: str) -> np.ndarray:
+        """One per-episode metadata field for every episode."""
+        if field not in META_FIELDS:
+            raise StoreError(f"{self.path}: no metadata field {field!r} (fields: {list(META_FIELDS)})")
+        return np.asarray(self._meta[field][: self.n_episodes])
+
+    # ------------------------------------------------------------------ appending
+
+    def append_episode(self, data: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> int:
+        """Append one episode atomically and return its index (see the module docstring)."""
+        if self.mode != "a" or self._root is None:
+            raise StoreError(f"{self.path}: opened read only; open with mode='a' to append")
+        episode = self.n_episodes
+        arrays = self._check_episode_data(data, episode)
+        length = len(next(iter(arrays.values())))
+        values = self._check_episode_meta(meta, episode, length)
+        start = self.n_steps
+        data_writes = [(self._data[k], start, x) for k, x in arrays.items()]
+        meta_writes = [
+            (self._meta[f], episode, np.array([v], self._meta[f].dtype)) for f, v in values.items()
+        ]
+        ends_write = [(self._meta_ends(), episode, np.array([start + length], np.int64))]
+        # Three phases in this order; within a phase the arrays are written concurrently.
+        for writes in (data_writes, meta_writes, ends_write):  # ends last: the commit point
+            sync(_grow_and_write_all(writes))
+        self._ends = np.append(self._ends, np.int64(start + length))
+        self._reader.clear()
+        return episode
+
+    def _check_episode_data(self, data: Mapping[str, np.ndarray], episode: int) -> dict[str, np.ndarray]:
+        where = f"{self.path}: episode {episode}"
+        missing = sorted(set(self.spec.keys) - set(data))
+        extra = sorted(set(data) - set(self.spec.keys))
+        if missing or extra:
+            raise StoreError(f"{where}: keys missing {missing}, not in the spec {extra}")
+        arrays, lengths = {}, {}
+        for key, ks in self.spec.keys.items():
+            x = np.asarray(data[key])
+            if x.shape[1:] != ks.shape or x.ndim != len(ks.shape) + 1:
+                raise StoreError(
+                    f"{where}: key {key!r} has shape {x.shape}, expected (T, {', '.join(map(str, ks.shape))})"
+                )
+            if not np.can_cast(x.dtype, ks.dtype, casting="same_kind"):
+                raise StoreError(f"{where}: key {key!r} has dtype {x.dtype}, expected {ks.dtype}")
+            arrays[key] = np.ascontiguousarray(x, dtype=ks.dtype)
+            lengths[key] = len(x)
+        if len(set(lengths.values())) != 1:
+            raise StoreError(f"{where}: keys have different lengths {lengths}")
+        if next(iter(lengths.values())) == 0:
+            raise StoreError(f"{where}: an episode needs at least one step")
+        return arrays
+
+    def _check_episode_meta(self, meta: Mapping[str, Any], episode: int, length: int) -> dict[str, Any]:
+        where = f"{self.path}: episode {episode}"
+        unknown = sorted(set(meta) - set(META_FIELDS))
+        if unknown:
+            raise StoreError(f"{where}: unknown metadata fields {unknown} (known: {list(META_FIELDS)})")
+        if "success" not in meta:
+            raise StoreError(f"{where}: metadata field 'success' is required")
+        defaults = {
+            "seed": -1,
+            "task": self.spec.task,
+            "behaviour": "",
+            "duration": length / self.spec.control_hz if self.spec.control_hz else 0.0,
+        }
+        values = {**defaults, **meta}
+        try:
+            return {
+                "seed": int(values["seed"]),
+                "success": bool(values["success"]),
+                "task": str(values["task"]),
+                "behaviour": str(values["behaviour"]),
+                "duration": float(values["duration"]),
+            }
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{where}: bad metadata value: {e}") from e
+
+    # ------------------------------------------------------------------ helpers
+
+    def _meta_ends(self) -> zarr.Array:
+        return self._root["meta/episode_ends"]
+
+    def _keys(self, keys: Sequence[str] | None) -> list[str]:
+        keys = list(self.spec.keys) if keys is None else list(keys)
+        for k in keys:
+            if k not in self._data:
+                raise StoreError(f"{self.path}: no key {k!r} (keys: {sorted(self._data)})")
+        return keys
+
+    def _episode_index(self, i: int) -> int:
+        n = self.n_episodes
+        if not -n <= i < n:
+            raise IndexError(f"{self.path}: episode {i} out of range (store has {n} episodes)")
+        return i % n
+
+    def __len__(self) -> int:
+        return self.n_episodes
+
+    def __repr__(self) -> str:
+        where = "memory" if self.in_memory else "disk"
+        return f"EpisodeStore({str(self.path)!r}, {self.n_episodes} episodes, {self.n_steps} steps, {where})"
+
+    # Data-loader workers get a copy of the dataset: an on-disk store reopens by path (zarr handles
+    # hold an event loop), an in-memory one travels as its numpy arrays.
+    def __getstate__(self) -> dict[str, Any]:
+        if self.in_memory:
+            return dict(self.__dict__)
+        return {"path": self.path, "cache_bytes": self._reader.capacity, "reopen": True}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state.get("reopen"):
+            state = dict(EpisodeStore.open(state["path"], "r", cache_bytes=state["cache_bytes"]).__dict__)
+        self.__dict__.update(state)
+
+
+async def _grow_and_write_all(writes: list[tuple[zarr.Array, int, np.ndarray]]) -> None:
+    """For every (arr, at, x): grow `arr` along time to `at + len(x)` (its zarr.json first), then
+    write `x` there (its chunks). The arrays are written concurrently with zarr's async API: one by
+    one, each costs a few file writes and renames in sequence."""
+
+    async def grow_and_write(arr: zarr.Array, at: int, x: np.ndarray) -> None:
+        await arr.async_array.resize((at + len(x), *arr.shape[1:]))
+        await arr.async_array.setitem(slice(at, at + len(x)), x)
+
+    await asyncio.gather(*(grow_and_write(*w) for w in writes))
+
+
+class _ChunkReader:
+    """Reads rows of on-disk arrays chunk by chunk, with an LRU cache of decompressed chunks.
+
+    Written by hand rather than calling zarr's `get_orthogonal_selection` because zarr 3 spends about
+    1 ms of CPU per chunk in its async codec pipeline, ten times what reading the chunk file and
+    calling numcodecs' Blosc directly costs; random training windows touch hundreds of chunks per
+    batch. The direct path applies only to arrays this module creates (regular chunk grid, codecs
+    `bytes` + `blosc`, default chunk keys); anything else goes through zarr.
+    """
+
+    def __init__(self, root: Path, capacity: int) -> None:
+        self.root = root
+        self.capacity = capacity
+        self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._size = 0
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._size = 0
+
+    def read(self, key: str, arr: zarr.Array, frames: np.ndarray) -> np.ndarray:
+        if not _direct_readable(arr):
+            unique, inverse = np.unique(frames, return_inverse=True)
+            return arr.get_orthogonal_selection((unique,))[inverse.reshape(frames.shape)]
+        flat = frames.reshape(-1)
+        size = arr.chunks[0]
+        out = np.empty((len(flat), *arr.shape[1:]), dtype=arr.dtype)
+        chunk_of = flat // size
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+        for rows in np.split(order, bounds):
+            if len(rows) == 0:
+                continue
+            c = int(chunk_of[rows[0]])
+            out[rows] = self._chunk(key, arr, c)[flat[rows] - c * size]
+        return out.reshape(*frames.shape, *arr.shape[1:])
+
+    def _chunk(self, key: str, arr: zarr.Array, c: int) -> np.ndarray:
+        cached = self._cache.get((key, c))
+        if cached is not None:
+            self._cache.move_to_end((key, c))
+            return cached
+        file = self.root / "data" / key / arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+        if file.is_file():
+            raw = blosc.decompress(file.read_bytes())
+            chunk = np.frombuffer(raw, dtype=arr.dtype.newbyteorder("<")).reshape(arr.chunks)
+        else:  # zarr does not write chunks that hold only the fill value
+            chunk = np.full(arr.chunks, arr.metadata.fill_value, dtype=arr.dtype)
+        if chunk.nbytes <= self.capacity:
+            self._cache[(key, c)] = chunk
+            self._size += chunk.nbytes
+            while self._size > self.capacity:
+                self._size -= self._cache.popitem(last=False)[1].nbytes
+        return chunk
+
+
+def _direct_readable(arr: zarr.Array) -> bool:
+    codecs = arr.metadata.codecs
+    return (
+        isinstance(arr.metadata.chunk_grid, RegularChunkGrid)
+        and len(codecs) == 2
+        and isinstance(codecs[0], BytesCodec)
+        and isinstance(codecs[1], BloscCodec)
+        and arr.metadata.chunk_key_encoding.name == "default"
+        and arr.chunks[1:] == arr.shape[1:]
+    )
+
+
+def _read_spec(path: Path, root: zarr.Group) -> DatasetSpec:
+    attrs = root.attrs.asdict()
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path}: not an episode store (root attribute 'format' is {attrs.get('format')!r})")
+    if attrs.get("version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: store version {attrs.get('version')!r}, this code reads {FORMAT_VERSION}")
+    if "spec" not in attrs:
+        raise StoreError(f"{path}: root attribute 'spec' is missing")
+    try:
+        spec = DatasetSpec.from_dict(attrs["spec"])
+    except Exception as e:
+        raise StoreError(f"{path}: root attribute 'spec' is garbled: {e!r}") from e
+    if not spec.keys:
+        raise StoreError(f"{path}: root attribute 'spec' describes no keys")
+    return spec
+
+
+def _member(path: Path, root: zarr.Group, name: str) -> zarr.Array:
+    try:
+        node = root[name]
+    except KeyError:
+        raise StoreError(f"{path}: missing array {name!r}") from None
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{path}: {name!r} is not an array")
+    return node
+
+
+def _validate(
+    path: Path, root: zarr.Group, spec: DatasetSpec, repair: bool
+) -> tuple[dict[str, zarr.Array], dict[str, zarr.Array], np.ndarray]:
+    """Check arrays against the spec and each other; drop (repair=True: delete) a crash tail."""
+    data: dict[str, zarr.Array] = {}
+    for key, ks in spec.keys.items():
+        arr = _member(path, root, f"data/{key}")
+        if arr.dtype != np.dtype(ks.dtype):
+            raise StoreError(f"{path}: key {key!r} has dtype {arr.dtype}, the spec says {ks.dtype}")
+        if tuple(arr.shape[1:]) != ks.shape or arr.ndim != len(ks.shape) + 1:
+            raise StoreError(
+                f"{path}: key {key!r} has shape {tuple(arr.shape)}, the spec says (T, {ks.shape}) per step"
+            )
+        data[key] = arr
+    extra = sorted(set(root["data"].array_keys()) - set(spec.keys)) if "data" in root else []
+    if extra:
+        raise StoreError(f"{path}: data arrays {extra} are not described in the spec attribute")
+
+    ends_arr = _member(path, root, "meta/episode_ends")
+    if ends_arr.ndim != 1 or ends_arr.dtype.kind not in "iu":
+        raise StoreError(
+            f"{path}: 'meta/episode_ends' must be 1-D integers, is {ends_arr.dtype}{ends_arr.shape}"
+        )
+    ends = np.asarray(ends_arr[:], dtype=np.int64)
+    if len(ends) and ends[-1] == 0:
+        # Killed between growing episode_ends and writing its new entry (module docstring).
+        warnings.warn(
+            f"{path}: the last entry of meta/episode_ends was never written (interrupted append); "
+            f"{'dropping' if repair else 'ignoring'} it",
+            stacklevel=3,
+        )
+        ends = ends[:-1]
+        if repair:
+            ends_arr[len(ends)] = 0
+            ends_arr.resize((len(ends),))
+    steps = np.diff(ends, prepend=0)
+    bad = np.flatnonzero(steps <= 0)
+    if len(bad):
+        i = int(bad[0])
+        prev = int(ends[i - 1]) if i else 0
+        raise StoreError(
+            f"{path}: meta/episode_ends is not increasing: episode {i} ends at {int(ends[i])}, "
+            f"not after {prev}"
+        )
+    n_steps = int(ends[-1]) if len(ends) else 0
+
+    meta: dict[str, zarr.Array] = {}
+    for field in META_FIELDS:
+        arr = _member(path, root, f"meta/{field}")
+        if arr.ndim != 1:
+            raise StoreError(f"{path}: 'meta/{field}' must be 1-D, has shape {arr.shape}")
+        if arr.shape[0] < len(ends):
+            raise StoreError(
+                f"{path}: 'meta/{field}' has {arr.shape[0]} entries but there are {len(ends)} episodes "
+                f"(episode {arr.shape[0]} has no {field})"
+            )
+        meta[field] = arr
+
+    for key, arr in data.items():
+        if arr.shape[0] < n_steps:
+            episode = int(np.searchsorted(ends, arr.shape[0], side="right"))
+            raise StoreError(
+                f"{path}: key {key!r} has {arr.shape[0]} steps but the episodes need {n_steps} "
+                f"(episode {episode} is incomplete)"
+            )
+    tails = {k: a for k, a in {**data, **meta}.items() if a.shape[0] > (len(ends) if k in meta else n_steps)}
+    if tails:
+        warnings.warn(
+            f"{path}: arrays {sorted(tails)} run past the last episode end (an append was interrupted); "
+            f"{'truncating' if repair else 'ignoring'} the tail",
+            stacklevel=3,
+        )
+        if repair:
+            for k, a in tails.items():
+                a.resize((len(ends) if k in meta else n_steps, *a.shape[1:]))
+    return data, meta, ends
+
+
+def _check_same_schema(path: Path, have: DatasetSpec, want: DatasetSpec) -> None:
+    for key in sorted(set(have.keys) | set(want.keys)):
+        if key not in have.keys:
+            raise StoreError(f"{path}: existing store has no key {key!r} that the new spec has")
+        if key not in want.keys:
+            raise StoreError(f"{path}: existing store has key {key!r} that the new spec lacks")
+        if have.keys[key] != want.keys[key]:
+            raise StoreError(
+                f"{path}: key {key!r} differs: store has {have.keys[key]}, spec has {want.keys[key]}"
+            )
+    for attr in ("control_hz", "robot", "controller", "task"):
+        if getattr(have, attr) != getattr(want, attr):
+            raise StoreError(
+                f"{path}: {attr} differs: store has {getattr(have, attr)!r}, spec has {getattr(want, attr)!r}"
+            )

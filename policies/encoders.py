@@ -255,6 +255,7 @@ class ObservationEncoder(nn.Module):
             raise ValueError(f"image_keys {unknown} are not in obs_shapes {list(shapes)}")
         self.n_obs_steps = n_obs_steps
         self.shapes = shapes
+        self.obs_keys = list(shapes)  # the batch keys read besides the task inputs
         self.task_key, self.text_key = task_key, text_key
         state_dims = {k: int(torch.Size(s).numel()) for k, s in shapes.items() if k not in image_keys}
         self.state = (

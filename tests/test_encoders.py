@@ -144,6 +144,7 @@ def test_observation_encoder_combines_state_cameras_and_task():
         SPEC, n_obs_steps=2, crop_shape=(76, 76), state_feature_dim=32, num_tasks=4, text_dim=6
     )
     assert list(encoder.images) == ["agentview_image", "robot0_eye_in_hand_image"]
+    assert encoder.obs_keys == list(SPEC)
     assert encoder.out_dim == 32 + 2 * 2 * 64 + 32
     batch = random_batch(SPEC, batch=3, n_obs_steps=2)
     batch["task_id"] = torch.tensor([0, 3, 1])

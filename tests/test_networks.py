@@ -111,6 +111,26 @@ def test_unet_scalar_noise_is_broadcast():
         assert torch.allclose(net(x, 5.0, cond), net(x, torch.tensor([5.0, 5.0]), cond))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: ConditionalUnet1D(3, 4, (16, 32), 16, **kw),
+        lambda **kw: small_transformer(action_dim=3, cond_dim=4, **kw),
+    ],
+)
+def test_noise_scale_multiplies_the_noise_input(make):
+    torch.manual_seed(1)
+    plain = make()
+    torch.manual_seed(1)
+    scaled = make(noise_scale=1000.0)
+    randomize_zero_layers(plain)
+    scaled.load_state_dict(plain.state_dict())
+    x, cond, t = torch.randn(2, 8, 3), torch.randn(2, 4), torch.tensor([0.25, 0.9])
+    with torch.no_grad():
+        assert torch.allclose(scaled(x, t, cond), plain(x, 1000 * t, cond), atol=1e-5)
+        assert not torch.allclose(scaled(x, t, cond), plain(x, t, cond), atol=1e-4)
+
+
 def test_unet_gradients_reach_every_parameter():
     net = ConditionalUnet1D(7, 16, (32, 64, 128), noise_embed_dim=32)
     out = net(torch.randn(4, 16, 7), torch.rand(4) * 100, torch.randn(4, 16))
@@ -228,3 +248,7 @@ def test_sinusoidal_embedding_separates_noise_levels():
     emb = SinusoidalEmbedding(64)(torch.tensor([0.0, 1.0, 10.0, 999.0]))
     assert emb.shape == (4, 64)
     assert torch.cdist(emb, emb).fill_diagonal_(1.0).min() > 0.5
+    # flow times 0.01 apart: barely apart unscaled, well apart with scale 1000
+    flow_t = torch.tensor([0.50, 0.51])
+    assert torch.dist(*SinusoidalEmbedding(64)(flow_t)) < 0.05
+    assert torch.dist(*SinusoidalEmbedding(64, scale=1000.0)(flow_t)) > 1.0

@@ -2,8 +2,9 @@
 
 The network does not know which noise process trained it: the caller feeds whatever scalar its
 process uses (a DDPM timestep in [0, 1000), a flow time, EDM's c_noise = ln(sigma) / 4). The
-sinusoidal frequencies span periods 1 .. 10000, so inputs should vary on a scale of about one
-unit or more across the schedule (a flow time in [0, 1] is best fed scaled, e.g. 1000 t).
+sinusoidal angular frequencies span 1 .. 1e-4 rad per unit, made for inputs that range over
+hundreds of units; for a flow time t in [0, 1] set `noise_scale=1000` on the network (as e.g.
+Stable Diffusion 3 feeds 1000 t), so that its embedding is as discriminative as a DDPM timestep's.
 """
 
 from __future__ import annotations
@@ -27,25 +28,26 @@ def noise_per_sample(noise: torch.Tensor | float, batch: int, device: torch.devi
 class SinusoidalEmbedding(nn.Module):
     """Transformer positional encoding of a scalar (as diffusion_policy's SinusoidalPosEmb)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, scale: float = 1.0) -> None:
         super().__init__()
         if dim < 4 or dim % 2:
             raise ValueError(f"embedding dim must be even and >= 4, got {dim}")
         self.dim = dim
+        self.scale = scale
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         freqs = torch.exp(torch.arange(half, device=t.device) * (-math.log(10000.0) / (half - 1)))
-        args = t.float()[:, None] * freqs[None, :]
+        args = (self.scale * t.float())[:, None] * freqs[None, :]
         return torch.cat([args.sin(), args.cos()], dim=-1)
 
 
 class NoiseEmbedding(nn.Sequential):
-    """Sinusoidal embedding followed by an MLP (dim -> 4 dim -> Mish -> dim), as in Diffusion Policy."""
+    """Sinusoidal embedding of scale * noise, then the MLP dim -> 4 dim -> Mish -> dim of diffusion_policy."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, scale: float = 1.0) -> None:
         super().__init__(
-            SinusoidalEmbedding(dim),
+            SinusoidalEmbedding(dim, scale),
             nn.Linear(dim, dim * 4),
             nn.Mish(),
             nn.Linear(dim * 4, dim),

@@ -94,7 +94,8 @@ class TransformerDenoiser(nn.Module):
     """forward(x (B, H, A), noise (B,), cond (B, cond_dim) or (B, n_cond, cond_dim)) -> (B, H, A).
 
     `horizon` and `max_cond_tokens` size the learned positional embeddings; shorter sequences use
-    their first entries.
+    their first entries. `noise_scale` multiplies the noise input before its sinusoidal embedding
+    (see `embedding`: 1000 for a flow time in [0, 1]).
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class TransformerDenoiser(nn.Module):
         norm: Literal["layernorm", "rmsnorm"] = "layernorm",
         dropout: float = 0.0,
         ffn_factory: Callable[[int], nn.Module] | None = None,
+        noise_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.action_dim = action_dim
@@ -125,7 +127,7 @@ class TransformerDenoiser(nn.Module):
         self.cond_in = nn.Linear(cond_dim, d_model)
         self.action_pos = nn.Parameter(torch.zeros(1, horizon, d_model))
         self.cond_pos = nn.Parameter(torch.zeros(1, max_cond_tokens, d_model))
-        self.noise_embedding = NoiseEmbedding(d_model)
+        self.noise_embedding = NoiseEmbedding(d_model, noise_scale)
         self.blocks = nn.ModuleList(
             DiTBlock(d_model, n_heads, ffn_factory(d_model), norm, dropout) for _ in range(depth)
         )

@@ -54,7 +54,8 @@ class ConditionalUnet1D(nn.Module):
 
     `down_dims` has one entry per resolution level; the horizon is halved between levels, so H must
     be divisible by 2 ** (len(down_dims) - 1). (256, 512, 1024) is the paper's default;
-    (64, 128, 256) is a CPU-sized default.
+    (64, 128, 256) is a CPU-sized default. `noise_scale` multiplies the noise input before its
+    sinusoidal embedding (see `embedding`: 1000 for a flow time in [0, 1]).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class ConditionalUnet1D(nn.Module):
         noise_embed_dim: int = 128,
         kernel_size: int = 5,
         n_groups: int = 8,
+        noise_scale: float = 1.0,
     ) -> None:
         super().__init__()
         down_dims = tuple(int(d) for d in down_dims)
@@ -78,7 +80,7 @@ class ConditionalUnet1D(nn.Module):
         self.action_dim = action_dim
         self.cond_dim = cond_dim
         self.down_dims = down_dims
-        self.noise_embedding = NoiseEmbedding(noise_embed_dim)
+        self.noise_embedding = NoiseEmbedding(noise_embed_dim, noise_scale)
         film_dim = noise_embed_dim + cond_dim
 
         def block(c_in: int, c_out: int) -> FiLMResidualBlock1D:

@@ -49,6 +49,12 @@ def _only_errors(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR
 
 
+# robosuite logs several INFO/WARNING lines at import and per environment (missing optional robot
+# models, unused controller parts); a filter, unlike a level, survives robosuite's own logger setup
+# at import time, whichever module imports robosuite first. Errors still show.
+logging.getLogger("robosuite_logs").addFilter(_only_errors)
+
+
 @dataclass(frozen=True)
 class TaskDef:
     """How to build one task: the robosuite environment and its settings."""
@@ -112,10 +118,6 @@ class Task:
     ) -> None:
         if name not in TASKS:
             raise KeyError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
-        # robosuite logs several INFO/WARNING lines per environment (missing optional robot models,
-        # unused controller parts); a filter, unlike a level, survives robosuite's own logger setup
-        # at import time. Errors still show.
-        logging.getLogger("robosuite_logs").addFilter(_only_errors)
         import robosuite
         from robosuite import macros
         from robosuite.controllers import load_composite_controller_config
@@ -143,6 +145,9 @@ class Task:
             horizon=10**9,  # we count steps ourselves, robosuite must never reset on its own
             ignore_done=True,
             hard_reset=False,
+            # Building the model draws from the env's rng (e.g. Lift's cube size); a fixed seed makes
+            # every Task instance the same model, so reset(seed) gives the same episode in any process.
+            seed=0,
             reward_shaping=True,
             **self.definition.env_kwargs,
         )

@@ -84,11 +84,21 @@ def test_unet_parameter_count_matches_diffusion_policy(action_dim, cond_dim, ste
     assert n_params(net) == diffusion_policy_unet_params(action_dim, cond_dim, step_embed_dim, down_dims)
 
 
-def test_unet_paper_config_is_about_65m_parameters():
-    # diffusion_policy's state-based Push-T config: obs 20-d x 2 steps as global cond, 2-d actions,
-    # step embedding 256, down_dims (256, 512, 1024), kernel 5: ~6.5e7 parameters.
+@pytest.mark.parametrize(
+    ("action_dim", "cond_dim", "step_embed_dim", "expected"),
+    [
+        # Counts pinned from a side-by-side run against diffusion_policy's ConditionalUnet1D code
+        # (same count, identical outputs after copying weights across).
+        # diffusion_policy's state-based Push-T config: obs 20-d x 2 steps, 2-d actions, step embed 256
+        (2, 40, 256, 65_783_298),
+        # a robomimic low-dim Lift-like config: obs 19-d x 2 steps, 7-d actions, step embed 128
+        (7, 38, 128, 63_534_727),
+    ],
+)
+def test_unet_paper_config_is_about_65m_parameters(action_dim, cond_dim, step_embed_dim, expected):
     with torch.device("meta"):
-        net = ConditionalUnet1D(2, 40, (256, 512, 1024), noise_embed_dim=256)
+        net = ConditionalUnet1D(action_dim, cond_dim, (256, 512, 1024), noise_embed_dim=step_embed_dim)
+    assert n_params(net) == expected
     assert 63e6 < n_params(net) < 67e6
 
 

@@ -19,6 +19,7 @@ from robomosaic.policies.samplers import (
     Composition,
     GradientGuidance,
     Guidance,
+    GuidedInpainting,
     Inpainting,
     sample,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "FlowMatchingProcess",
     "GradientGuidance",
     "Guidance",
+    "GuidedInpainting",
     "Inpainting",
     "NoiseProcess",
     "TrainingExample",

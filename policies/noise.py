@@ -173,6 +173,24 @@ class NoiseProcess(ABC):
         coordinates, sigma_max * z in EDM.
         """
 
+    # The probability-flow ODE dy/dtau is integrated in the process's own coordinates (y, tau):
+    # the VE pair (x, sigma) by default, where dx/dsigma = eps_hat. Euler steps are the same in any
+    # of these coordinates (they all equal DDIM); Heun's trapezoid is not, and must be taken in a
+    # variable in which the schedule is evenly spread (see FlowMatchingProcess).
+
+    def ode_time(self, sigma: Tensor) -> Tensor:
+        return sigma
+
+    def ode_state(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return x
+
+    def ve_from_ode_state(self, y: Tensor, sigma: Tensor) -> Tensor:
+        return y
+
+    def ode_derivative(self, x: Tensor, sigma: Tensor, x0_hat: Tensor) -> Tensor:
+        """dy/dtau at VE state ``x`` given the denoiser's ``x0_hat``."""
+        return eps_from_x0(x, sigma, x0_hat)
+
     def loss(self, prediction: Tensor, example: TrainingExample) -> Tensor:
         """Mean squared error to the raw target (for EDM this is the paper's weighting)."""
         return F.mse_loss(prediction, example.target)
@@ -334,6 +352,21 @@ class FlowMatchingProcess(NoiseProcess):
 
     def prior_scale(self, sigma):
         return 1 + sigma
+
+    # The ODE in (x_t, t): dx_t/dt = v. In sigma, the uniform t grid's first interval spans
+    # sigma = 1/t_min - 1 down to N - 1, where Heun's trapezoid in sigma diverges.
+
+    def ode_time(self, sigma):
+        return t_from_sigma(sigma)
+
+    def ode_state(self, x, sigma):
+        return flow_from_ve(x, sigma)
+
+    def ve_from_ode_state(self, y, sigma):
+        return ve_from_flow(y, sigma)
+
+    def ode_derivative(self, x, sigma, x0_hat):
+        return velocity_from_x0(x, sigma, x0_hat)
 
 
 class EDMProcess(NoiseProcess):

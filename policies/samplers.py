@@ -5,10 +5,12 @@ ending at 0 (the process's natural one unless given):
 
 - ``ddim``: x' = x0_hat + sigma' * eps_hat (eta = 0), or with fresh noise for eta > 0 (the DDIM
   variance rewritten in sigma; eta = 1 on the full training schedule is DDPM ancestral sampling);
-- ``euler``: the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma, one Euler step per interval.
-  In VE coordinates this is algebraically the same update as DDIM with eta = 0 (Karras et al. 2022,
-  sec. 4), and for a flow model it is the Euler step in t;
-- ``heun``: EDM Algorithm 1 (2nd order; the last step to sigma = 0 is an Euler step).
+- ``euler``: one Euler step per interval of the probability-flow ODE, dx/dsigma = (x - x0_hat) / sigma
+  in VE coordinates. This is algebraically the same update as DDIM with eta = 0 (Karras et al. 2022,
+  sec. 4), and also the same as the Euler step in t of a flow model;
+- ``heun``: EDM Algorithm 1 (2nd order; the last step to sigma = 0 is an Euler step), taken in the
+  process's ODE coordinates (``NoiseProcess.ode_time``...): sigma for DDPM and EDM, t for flow
+  matching, whose uniform t grid is badly spread in sigma.
 
 Hooks, applied at every evaluation: several denoisers combined by convex weights (GPC composition:
 the weighted mean of x0_hat is the convex combination of scores), a guidance term added to x0_hat
@@ -90,7 +92,11 @@ class GradientGuidance:
 class Inpainting:
     """``on_step`` that overwrites the known part of the chunk: where ``mask`` is True, x becomes
     ``known + sigma * n`` with one noise draw ``n`` reused along the trajectory, so at sigma = 0 the
-    known actions come out exactly. ``mask`` and ``known`` broadcast against the chunk."""
+    known actions come out exactly. ``mask`` and ``known`` broadcast against the chunk.
+
+    Replacement conditions the free part only weakly (an ODE trajectory is mostly decided at high
+    sigma, where the noisy known part says little); ``GuidedInpainting`` conditions it properly.
+    The two can be combined to also get the known part exactly."""
 
     def __init__(self, mask: Tensor, known: Tensor, generator: torch.Generator | None = None):
         self.mask, self.known, self.generator = mask.bool(), known, generator
@@ -101,6 +107,41 @@ class Inpainting:
             self._noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
         noisy_known = self.known.to(x) + expand_sigma(sigma, x) * self._noise
         return torch.where(self.mask.to(x.device), noisy_known, x)
+
+
+class GuidedInpainting:
+    """A denoiser conditioned on known actions by guidance (PiGDM, Song et al. 2023; the
+    "real-time chunking" of Black et al. 2025), which conditions the free part of the chunk far
+    better than overwriting the state (``Inpainting``) does.
+
+    With p(known | x) ~ N(known; x0_hat(x), r^2) on the masked entries and
+    r^2 = sigma_data^2 sigma^2 / (sigma_data^2 + sigma^2), x0_hat is shifted by
+    ``w * J^T (mask * (known - x0_hat))`` with J = d x0_hat / dx and w = sigma^2 / r^2 (clipped to
+    ``max_weight``): one vector-Jacobian product through the wrapped denoiser per evaluation.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        mask: Tensor,
+        known: Tensor,
+        sigma_data: float = 1.0,
+        max_weight: float | None = None,
+    ):
+        self.denoiser, self.mask, self.known = denoiser, mask.bool(), known
+        self.sigma_data, self.max_weight = sigma_data, max_weight
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            x0_hat = self.denoiser(x_in, sigma, cond)
+            residual = torch.where(self.mask.to(x.device), self.known.to(x) - x0_hat, 0).detach()
+            (vjp,) = torch.autograd.grad(x0_hat, x_in, residual)
+        s2 = expand_sigma(sigma, x) ** 2
+        weight = (self.sigma_data**2 + s2) / self.sigma_data**2  # sigma^2 / r^2
+        if self.max_weight is not None:
+            weight = weight.clamp(max=self.max_weight)
+        return x0_hat.detach() + weight * vjp
 
 
 def guided(denoiser: Denoiser, guidance: Guidance | None) -> Denoiser:
@@ -170,16 +211,32 @@ def sample(
         x0_hat = denoise(x, s, cond)
         if sampler == "ddim":
             x = _ddim_step(x, x0_hat, s, s_next, eta, generator)
-        elif sampler == "euler" or sigmas[i + 1] == 0:
-            x = x + expand_sigma(s_next - s, x) * (x - x0_hat) / expand_sigma(s, x)
-        else:  # heun
-            d = (x - x0_hat) / expand_sigma(s, x)
-            x_euler = x + expand_sigma(s_next - s, x) * d
-            d_next = (x_euler - denoise(x_euler, s_next, cond)) / expand_sigma(s_next, x)
-            x = x + expand_sigma(s_next - s, x) * (d + d_next) / 2
+        else:
+            x = _ode_step(process, denoise, cond, x, x0_hat, s, s_next, heun=sampler == "heun")
         if on_step is not None:
             x = on_step(x, s_next, i)
     return x
+
+
+def _ode_step(
+    process: NoiseProcess,
+    denoise: Denoiser,
+    cond: Any,
+    x: Tensor,
+    x0_hat: Tensor,
+    s: Tensor,
+    s_next: Tensor,
+    heun: bool,
+) -> Tensor:
+    """Euler, or Heun (EDM Algorithm 1; Euler into sigma = 0), in the process's ODE coordinates."""
+    dtau = expand_sigma(process.ode_time(s_next) - process.ode_time(s), x)
+    d = process.ode_derivative(x, s, x0_hat)
+    y_next = process.ode_state(x, s) + dtau * d
+    x_next = process.ve_from_ode_state(y_next, s_next)
+    if not heun or bool((s_next == 0).any()):
+        return x_next
+    d_next = process.ode_derivative(x_next, s_next, denoise(x_next, s_next, cond))
+    return process.ve_from_ode_state(process.ode_state(x, s) + dtau * (d + d_next) / 2, s_next)
 
 
 def _ddim_step(

@@ -1,0 +1,238 @@
+"""robomosaic-collect: record demonstrations of a task into a zarr episode store.
+
+    robomosaic-collect task=lift device=scripted episodes=50 out=demos/lift.zarr
+                       [keep_failed=false] [seed=0] [workers=2] [task.cameras=[agentview] task.image_size=84]
+
+Devices: `scripted` runs the task's expert (`robomosaic.sim.experts.<task>`) in simulator worker
+processes; `keyboard` and `spacemouse` are robosuite's teleoperation devices (`data/devices.py`).
+
+Every step records each observation key of the task (the observation before the action), `action`,
+`reward` (after the action) and `state`, the flattened simulator state before the action, from
+which `robomosaic-replay` restarts an episode. Each episode records its seed, success, task,
+behaviour and duration (steps / control rate, seconds).
+
+Episodes are appended to the store one by one as they finish, so an interrupted or killed run keeps
+every finished episode (the store's append is atomic). An existing store is appended to after its
+schema is checked against the task's. Seeds run consecutively from `seed`, skipping the seeds the
+store already holds, so running the same command twice adds new episodes instead of duplicates.
+
+Cameras are rendered live during collection rather than re-rendered afterwards from the stored
+states: robosuite's observations during a step lag the state by one physics substep, so frames
+rendered from states would differ slightly from what a policy sees when it is evaluated, and live
+recording keeps training and evaluation images identical. It costs rendering time (about 9 steps/s
+with two 84x84 cameras against 45 without, per worker).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from robomosaic.data.spec import DatasetSpec, KeySpec
+from robomosaic.data.store import EpisodeStore, StoreError
+
+Episode = tuple[dict[str, np.ndarray], dict[str, Any]]
+
+
+@dataclass
+class CollectSummary:
+    out: str
+    stored: int = 0  # episodes appended by this run
+    attempted: int = 0  # episodes run to the end by this run
+    successes: int = 0
+    dropped: int = 0  # failed episodes not stored (keep_failed=false)
+    interrupted: bool = False
+    seeds: list[int] = field(default_factory=list)  # seeds of the stored episodes, in order
+    store_episodes: int = 0  # episodes in the store after this run
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        rate = f"{self.successes}/{self.attempted} succeeded" if self.attempted else "no episode finished"
+        why = " (interrupted)" if self.interrupted else ""
+        dropped = f", {self.dropped} failed episodes dropped" if self.dropped else ""
+        return (
+            f"collected {self.stored} episodes into {self.out} in {self.seconds:.0f} s{why}: "
+            f"{rate}{dropped}; the store now holds {self.store_episodes} episodes"
+        )
+
+
+def dataset_spec(task: Any) -> DatasetSpec:
+    """What collection records for `task`: its observations, action, reward and simulator state."""
+    keys = dict(task.spec.obs)
+    keys["action"] = task.spec.action
+    keys["reward"] = KeySpec((), "float32", description="reward (shaped) after the action")
+    keys["state"] = KeySpec(
+        task.get_state().shape,
+        "float64",
+        description="flattened MuJoCo state (time, qpos, qvel) before the action",
+    )
+    return DatasetSpec(
+        keys=keys,
+        control_hz=task.spec.control_hz,
+        robot=task.spec.robot,
+        controller=task.spec.controller,
+        task=task.spec.name,
+    )
+
+
+def free_seeds(start: int, taken: set[int]) -> Iterator[int]:
+    """Seeds start, start+1, ... that are not in `taken`."""
+    return (s for s in count(start) if s not in taken)
+
+
+def _task_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "cameras": tuple(cfg.task.cameras),
+        "image_size": int(cfg.task.image_size),
+        "max_steps": cfg.task.max_steps,
+    }
+
+
+def _scripted_episodes(
+    cfg: DictConfig, seeds: Iterator[int], budget: int, wanted_more: Callable[[], int]
+) -> Iterator[Episode]:
+    """Run the task's expert in `cfg.workers` processes, yielding each episode as it ends.
+
+    A new episode starts while fewer than `wanted_more()` are running and `budget` attempts are
+    left. This is `run_episodes`' schedule, streamed: that function returns all episodes at the end,
+    and collection must store each one as soon as it finishes.
+    """
+    from robomosaic.sim.vector import ExpertPolicy, VectorTask
+
+    policy = ExpertPolicy(cfg.task.name)
+    n_envs = max(1, min(int(cfg.workers), budget, wanted_more()))
+    with VectorTask(cfg.task.name, n_envs, **_task_kwargs(cfg)) as vec:
+        running: dict[int, tuple[int, dict[str, list[np.ndarray]]]] = {}  # env -> (seed, steps)
+        obs: dict[int, dict[str, np.ndarray]] = {}
+
+        def start(envs: list[int]) -> None:
+            nonlocal budget
+            envs = envs[: max(0, min(budget, wanted_more() - len(running)))]
+            if not envs:
+                return
+            batch = [next(seeds) for _ in envs]
+            budget -= len(batch)
+            for i, seed, first in zip(envs, batch, vec.reset(batch, envs), strict=True):
+                policy.reset(i, first, seed)
+                running[i], obs[i] = (seed, {}), first
+
+        start(list(range(n_envs)))
+        while running:
+            active = sorted(running)
+            actions = policy.act([obs[i] for i in active], active).astype(np.float32)
+            states = vec.get_states(active)
+            next_obs, rewards, terminated, truncated, infos = vec.step(actions, active)
+            ended = []
+            for k, i in enumerate(active):
+                seed, steps = running[i]
+                step = {**obs[i], "action": actions[k], "reward": np.float32(rewards[k]), "state": states[k]}
+                for key, value in step.items():
+                    steps.setdefault(key, []).append(value)
+                obs[i] = next_obs[k]
+                if terminated[k] or truncated[k]:
+                    del running[i]
+                    ended.append(i)
+                    data = {key: np.stack(v) for key, v in steps.items()}
+                    yield (
+                        data,
+                        {
+                            "seed": seed,
+                            "success": bool(infos[k]["success"]),
+                            "task": cfg.task.name,
+                            "behaviour": str(infos[k].get("behaviour", "")),
+                            "duration": len(data["action"]) / vec.spec.control_hz,
+                        },
+                    )
+            start(ended)
+
+
+def _teleop_episodes(cfg: DictConfig, task: Any, device: Any, seeds: Iterator[int]) -> Iterator[Episode]:
+    from robomosaic.data.devices import open_viewer, teleop_episode
+
+    with open_viewer(task) as viewer:
+        for seed in seeds:
+            episode = teleop_episode(task, device, viewer, seed, cfg.device.max_fr)
+            if episode is None:  # the viewer window was closed
+                return
+            yield episode
+
+
+def collect(cfg: DictConfig, progress: bool = True) -> CollectSummary:
+    """Record `cfg.episodes` episodes (see the module docstring); Ctrl-C stops after storing what finished."""
+    from robomosaic.sim.tasks import make_task
+
+    started = time.time()
+    task = make_task(cfg.task.name, **_task_kwargs(cfg))
+    spec = dataset_spec(task)
+    if cfg.device.name != "scripted":
+        from robomosaic.data.devices import open_device
+
+        device = open_device(cfg.device, task.env)  # before touching the store: fails without hardware
+    store = EpisodeStore.open_or_create(cfg.out, spec)
+    seeds = free_seeds(int(cfg.seed), {int(s) for s in store.meta_array("seed")})
+    wanted = int(cfg.episodes)
+    summary = CollectSummary(out=str(cfg.out))
+    if cfg.device.name == "scripted":
+        task.close()  # the workers build their own
+        budget = int(cfg.max_attempts) if cfg.get("max_attempts") else 3 * wanted
+        episodes = _scripted_episodes(cfg, seeds, budget, lambda: wanted - summary.stored)
+    else:
+        episodes = _teleop_episodes(cfg, task, device, seeds)
+    bar = tqdm(total=wanted, desc=f"collect {cfg.task.name}", unit="episode", disable=not progress)
+    try:
+        for data, meta in episodes:
+            summary.attempted += 1
+            summary.successes += bool(meta["success"])
+            if meta["success"] or cfg.keep_failed:
+                store.append_episode(data, meta)
+                summary.stored += 1
+                summary.seeds.append(int(meta["seed"]))
+                bar.update()
+            else:
+                summary.dropped += 1
+            bar.set_postfix(success=f"{summary.successes}/{summary.attempted}")
+            if summary.stored >= wanted:
+                break
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        bar.close()
+        episodes.close()  # stops the workers or the viewer
+        if cfg.device.name != "scripted":
+            task.close()
+    summary.store_episodes = store.n_episodes
+    summary.seconds = time.time() - started
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from robomosaic.conf import compose
+    from robomosaic.data.devices import DeviceError
+
+    cfg = compose("collect", sys.argv[1:] if argv is None else argv)
+    if int(cfg.episodes) < 1:
+        raise SystemExit(f"robomosaic-collect: episodes={cfg.episodes}: must be at least 1")
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = collect(cfg)
+    except (StoreError, DeviceError, KeyError) as e:
+        raise SystemExit(f"robomosaic-collect: {e}") from None
+    print(summary.text())
+    if summary.stored < int(cfg.episodes) and not summary.interrupted:
+        raise SystemExit(
+            f"robomosaic-collect: only {summary.stored} of {cfg.episodes} episodes stored "
+            f"({summary.attempted} attempted)"
+        )
+
+
+if __name__ == "__main__":
+    main()

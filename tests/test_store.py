@@ -60,15 +60,25 @@ def meta(seed: int, **kw) -> dict:
     }
 
 
-@pytest.fixture
-def filled(tmp_path: Path) -> tuple[Path, list[dict[str, np.ndarray]]]:
-    path = tmp_path / "demo.zarr"
+EPISODE_LENGTHS = [7, 3, 12]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "demo.zarr"
     spec = make_spec()
     store = EpisodeStore.create(path, spec)
-    episodes = [make_episode(spec, n, seed) for seed, n in enumerate([7, 3, 12])]
-    for seed, ep in enumerate(episodes):
-        assert store.append_episode(ep, meta(seed)) == seed
-    return path, episodes
+    for seed, n in enumerate(EPISODE_LENGTHS):
+        assert store.append_episode(make_episode(spec, n, seed), meta(seed)) == seed
+    return path
+
+
+@pytest.fixture
+def filled(template: Path, tmp_path: Path) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    """A store of three episodes (a copy per test: tests damage it)."""
+    path = tmp_path / "demo.zarr"
+    shutil.copytree(template, path)
+    return path, [make_episode(make_spec(), n, seed) for seed, n in enumerate(EPISODE_LENGTHS)]
 
 
 # ---------------------------------------------------------------------- round trip
@@ -331,8 +341,11 @@ def test_torn_episode_ends_entry_is_dropped(filled):
     ends = zarr.open_array(path / "meta" / "episode_ends", mode="r+")
     ends.resize((4,))
     assert ends[:].tolist() == [7, 10, 22, 0]
-    with pytest.warns(UserWarning, match="never written"):
+    with pytest.warns(UserWarning) as caught:
         store = EpisodeStore.open(path, mode="a")
+    messages = [str(w.message) for w in caught]
+    assert any("never written; dropping it" in m for m in messages), messages
+    assert any("truncating the tail" in m for m in messages), messages
     assert store.n_episodes == 3
     store.append_episode(extra, meta(3))
     store = EpisodeStore.open(path)

@@ -30,18 +30,20 @@ def test_replay_reproduces_the_episode_and_writes_a_video(lift_store, tmp_path, 
     assert frames.std() > 10  # a rendered scene
 
 
-def test_replay_divergence_is_small(lift_store):
+def test_replay_divergence(lift_store):
     store = EpisodeStore.open(lift_store)
-    for mode in ("actions", "states"):
-        result = replay_episode(store, 0, mode)
-        assert result.steps == len(store.episode(0, ["action"])["action"])
-        assert result.frames is None
-        assert result.success and result.stored_success
-        # open-loop actions on the same model reproduce the run; states reproduce it up to the
-        # one-substep lag of robosuite's in-step observations
-        assert result.eef_error.max() < 5e-3, (mode, result.eef_error.max())
-        assert result.object_error.max() < 1e-2, (mode, result.object_error.max())
-    assert replay_episode(store, 0, "states").state_error.max() == 0.0
+    steps = len(store.episode(0, ["action"])["action"])
+    # Open-loop actions from the seeded reset re-run the same model and code: exactly the recording.
+    actions = replay_episode(store, 0, "actions")
+    assert actions.steps == steps and actions.frames is None
+    assert actions.success and actions.stored_success
+    assert actions.eef_error.max() == actions.object_error.max() == actions.state_error.max() == 0.0
+    # Observations recomputed from states differ from those read during a step by one physics
+    # substep of motion: nonzero, but well under a millimetre.
+    states = replay_episode(store, 0, "states")
+    assert states.success and states.state_error.max() == 0.0
+    assert 0.0 < states.eef_error.max() < 2e-3
+    assert states.object_error.max() < 2e-3
 
 
 def test_bad_arguments_are_named(lift_store, tmp_path):

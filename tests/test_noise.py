@@ -215,3 +215,58 @@ def test_bad_arguments_are_named():
         N.expand_sigma(torch.ones(3), torch.zeros(2, 4, 1))
     assert isinstance(N.make_process("edm", sigma_data=1.0), N.EDMProcess)
     assert isinstance(N.EDMProcess().denoiser(lambda x, t, c: x), N.Denoiser)
+
+
+class _TinyNet(torch.nn.Module):
+    """An MLP on (x_in, random Fourier features of the process's time input)."""
+
+    def __init__(self, time_scale):
+        super().__init__()
+        self.time_scale = time_scale
+        self.register_buffer("freq", torch.randn(8, generator=_gen(20)) * 3)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(17, 64),
+            torch.nn.SiLU(),
+            torch.nn.Linear(64, 64),
+            torch.nn.SiLU(),
+            torch.nn.Linear(64, 1),
+        )
+
+    def forward(self, x, time, cond):
+        angle = time.reshape(-1, 1) * self.time_scale * self.freq
+        return self.mlp(torch.cat([x.reshape(-1, 1), angle.sin(), angle.cos()], -1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    ("make", "time_scale"),
+    [(N.DDPMProcess, 0.01), (N.FlowMatchingProcess, 1.0), (N.EDMProcess, 1.0)],
+    ids=["ddpm", "flow", "edm"],
+)
+def test_a_small_network_trained_on_examples_samples_the_data_through_denoise(make, time_scale):
+    """End to end: training_example -> loss -> network -> process.denoiser -> sampler."""
+    from robomosaic.policies.samplers import sample
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: one thread is faster on a shared machine
+    try:
+        process, g = make(), _gen(21)
+        torch.manual_seed(0)
+        net = _TinyNet(time_scale)
+        opt = torch.optim.Adam(net.parameters(), 1e-2)
+        for _ in range(500):
+            right = torch.rand(256, generator=g) < 0.7  # modes -1 (std 0.25) and +1 (std 0.15)
+            a = torch.where(right, 1.0, -1.0) + torch.where(right, 0.15, 0.25) * torch.randn(256, generator=g)
+            example = process.training_example(a.reshape(256, 1, 1), generator=g)
+            loss = process.loss(net(example.net_input, example.net_time, None), example)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out = sample(process.denoiser(net), (4000, 1, 1), None, 20, process, "heun", generator=_gen(22))
+    finally:
+        torch.set_num_threads(threads)
+    right = out.flatten() > 0
+    assert right.float().mean().item() == pytest.approx(0.7, abs=0.1)
+    assert out.flatten()[right].mean().item() == pytest.approx(1.0, abs=0.15)
+    assert out.flatten()[~right].mean().item() == pytest.approx(-1.0, abs=0.15)
+    assert out.flatten()[right].std().item() < 0.3 and out.flatten()[~right].std().item() < 0.45

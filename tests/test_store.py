@@ -344,7 +344,7 @@ def test_torn_episode_ends_entry_is_dropped(filled):
     with pytest.warns(UserWarning) as caught:
         store = EpisodeStore.open(path, mode="a")
     messages = [str(w.message) for w in caught]
-    assert any("never written; dropping it" in m for m in messages), messages
+    assert any("never written" in m and "dropping it" in m for m in messages), messages
     assert any("truncating the tail" in m for m in messages), messages
     assert store.n_episodes == 3
     store.append_episode(extra, meta(3))

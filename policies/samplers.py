@@ -96,7 +96,8 @@ class Inpainting:
 
     Replacement conditions the free part only weakly (an ODE trajectory is mostly decided at high
     sigma, where the noisy known part says little); ``GuidedInpainting`` conditions it properly.
-    The two can be combined to also get the known part exactly."""
+    The two can be combined to also get the known part exactly. The noise draw is kept by the
+    object: make one per ``sample`` call."""
 
     def __init__(self, mask: Tensor, known: Tensor, generator: torch.Generator | None = None):
         self.mask, self.known, self.generator = mask.bool(), known, generator

@@ -47,3 +47,9 @@ def test_expert_opens_the_door(task, seed):
     assert terminated, f"seed {seed}: hinge at {obs['object'][6]:.3f} rad after {task.max_steps} steps"
     assert obs["object"][6] > 0.3
     assert reward == pytest.approx(1.0)
+
+
+def test_expert_refuses_the_latched_door():
+    obs = {"object": np.zeros(14), "robot0_eef_pos": np.zeros(3), "robot0_eef_quat": np.array([1.0, 0, 0, 0])}
+    with pytest.raises(ValueError, match="use_latch"):
+        make_expert("door").reset(obs, np.random.default_rng(0))

@@ -83,6 +83,11 @@ class Expert(WaypointExpert):
         return action
 
     def plan(self, obs: Obs, rng: np.random.Generator) -> list[Waypoint]:
+        if obs["object"].shape != (13,):
+            raise ValueError(
+                f"door expert: expected Door's 13-value object-state (use_latch=False), got shape "
+                f"{obs['object'].shape}; the latched door (handle_qpos appended) is not supported"
+            )
         above = np.array([0.0, 0.0, rng.uniform(0.08, 0.12)])
         depth = np.array([0.0, 0.0, rng.uniform(-0.015, 0.0)])
         reach = rng.uniform(0.04, 0.06)

@@ -1,6 +1,6 @@
 """Per-key affine normalizers fitted on an `EpisodeStore`, saved as safetensors.
 
-Every key maps x -> x * scale + offset (per dimension of one time step), with
+Every key maps x -> (x - shift) * scale + bias (per dimension of one time step), with
 
     minmax    per-dimension min/max of the data to [-1, 1]
     meanstd   per-dimension (x - mean) / std
@@ -10,6 +10,7 @@ Every key maps x -> x * scale + offset (per dimension of one time step), with
 
 A dimension that does not vary (max - min < RANGE_EPS, std < STD_EPS) gets scale 1 and maps its
 constant value to 0, as diffusion_policy's LinearNormalizer does, so nothing is divided by zero.
+Results are float32 (or the float dtype of a tensor given); uint8 images become float32.
 Statistics are accumulated chunk by chunk over the store (Chan et al.'s pairwise update for mean and
 variance), so fitting never loads a whole array; images are never read.
 """
@@ -66,23 +67,26 @@ class _RunningStats:
         return np.sqrt(self.m2 / max(self.count, 1))
 
 
-def _affine(mode: str, stats: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, offset) of a mode from fitted statistics."""
+def _affine(mode: str, stats: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(shift, scale, bias) of a mode: y = (x - shift) * scale + bias.
+
+    Subtracting a data value first keeps float32 results exact at the data's extremes (min maps to
+    exactly -1) even for a narrow range far from zero, where x * scale + offset would cancel badly.
+    """
     if mode == "minmax":
         lo, hi = stats["min"], stats["max"]
         flat = hi - lo < RANGE_EPS
         scale = np.where(flat, 1.0, 2.0 / np.where(flat, 1.0, hi - lo))
-        offset = np.where(flat, -lo, -1.0 - lo * scale)
-        return scale, offset
+        return lo, scale, np.where(flat, 0.0, -1.0)
     if mode == "meanstd":
         std = np.where(stats["std"] < STD_EPS, 1.0, stats["std"])
-        return 1.0 / std, -stats["mean"] / std
+        return stats["mean"], 1.0 / std, np.zeros_like(std)
     if mode == "image":
-        return np.array(1.0 / 127.5), np.array(-1.0)
+        return np.array(0.0), np.array(1.0 / 127.5), np.array(-1.0)
     if mode == "image01":
-        return np.array(1.0 / 255.0), np.array(0.0)
+        return np.array(0.0), np.array(1.0 / 255.0), np.array(0.0)
     if mode == "identity":
-        return np.array(1.0), np.array(0.0)
+        return np.array(0.0), np.array(1.0), np.array(0.0)
     raise ValueError(f"unknown normalizer mode {mode!r} (modes: {MODES})")
 
 
@@ -92,15 +96,12 @@ class Normalizer:
     def __init__(self, modes: Mapping[str, str], stats: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         self.modes = dict(modes)
         self.stats = {k: {n: np.asarray(v, dtype=np.float64) for n, v in s.items()} for k, s in stats.items()}
-        self._params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._params: dict[str, tuple[np.ndarray, ...]] = {}
         for key, mode in self.modes.items():
             if mode not in MODES:
                 raise ValueError(f"key {key!r}: unknown normalizer mode {mode!r} (modes: {MODES})")
-            scale, offset = _affine(mode, self.stats.get(key, {}))
-            self._params[key] = (scale.astype(np.float32), offset.astype(np.float32))
-        self._torch_params: dict[
-            tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]
-        ] = {}
+            self._params[key] = tuple(p.astype(np.float32) for p in _affine(mode, self.stats.get(key, {})))
+        self._torch_params: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     @classmethod
     def fit(
@@ -129,12 +130,16 @@ class Normalizer:
     # ------------------------------------------------------------------ applying
 
     def normalize(self, x: Array, key: str) -> Array:
-        scale, offset = self._get(key, x)
-        return x * scale + offset if isinstance(x, torch.Tensor) else x.astype(np.float32) * scale + offset
+        shift, scale, bias = self._get(key, x)
+        if not isinstance(x, torch.Tensor):
+            x = np.asarray(x, dtype=np.float32)
+        elif not x.is_floating_point():
+            x = x.float()
+        return (x - shift) * scale + bias
 
     def unnormalize(self, y: Array, key: str) -> Array:
-        scale, offset = self._get(key, y)
-        return (y - offset) / scale
+        shift, scale, bias = self._get(key, y)
+        return (y - bias) / scale + shift
 
     def normalize_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Normalize every array of a (nested) dict such as a `SequenceDataset` batch."""
@@ -143,18 +148,17 @@ class Normalizer:
             for k, v in batch.items()
         }
 
-    def _get(self, key: str, x: Array) -> tuple[Any, Any]:
+    def _get(self, key: str, x: Array) -> tuple[Any, ...]:
         if key not in self._params:
             raise KeyError(f"normalizer has no key {key!r} (keys: {sorted(self._params)})")
-        scale, offset = self._params[key]
+        params = self._params[key]
         if not isinstance(x, torch.Tensor):
-            return scale, offset
+            return params
         dtype = x.dtype if x.is_floating_point() else torch.float32
         cache_key = (key, x.device, dtype)
         if cache_key not in self._torch_params:
-            self._torch_params[cache_key] = (
-                torch.as_tensor(scale, dtype=dtype, device=x.device),
-                torch.as_tensor(offset, dtype=dtype, device=x.device),
+            self._torch_params[cache_key] = tuple(
+                torch.as_tensor(p, dtype=dtype, device=x.device) for p in params
             )
         return self._torch_params[cache_key]
 

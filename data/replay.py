@@ -16,7 +16,8 @@ did not reproduce it exactly.
 
 Errors are maxima of absolute differences per step: `eef` on robot0_eef_pos (metres), `object` on
 the task's object observation (positions in metres and quaternions), `state` on the simulator
-state (qpos and qvel).
+state (qpos and qvel). The video has one frame per stored step (the scene the action was chosen
+on) and one after the last action.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ReplayResult:
     state_error: np.ndarray  # (steps,) max abs error of the simulator state per step
     success: bool  # success at the end of the replay
     stored_success: bool
-    frames: np.ndarray | None  # (steps, H, W, 3) uint8 when a camera was asked for
+    frames: np.ndarray | None  # (steps + 1, H, W, 3) uint8 when a camera was asked for
 
     def summary(self) -> str:
         agree = "agrees with" if self.success == self.stored_success else "DIFFERS from"
@@ -100,6 +101,8 @@ def replay_episode(
                 frames.append(obs[f"{camera}_image"])
             if mode == "actions" or t == steps - 1:
                 obs, _, _, _, info = task.step(stored["action"][t])
+        if camera:
+            frames.append(obs[f"{camera}_image"])  # and the scene after the last action
         return ReplayResult(
             episode=episode if episode >= 0 else store.n_episodes + episode,
             mode=mode,

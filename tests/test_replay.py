@@ -26,7 +26,7 @@ def test_replay_reproduces_the_episode_and_writes_a_video(lift_store, tmp_path, 
     assert "success True agrees with the stored True" in printed
     steps = len(EpisodeStore.open(lift_store).episode(0, ["action"])["action"])
     frames = np.stack(imageio.mimread(video, format="FFMPEG", memtest=False))
-    assert frames.shape == (steps, 64, 64, 3)
+    assert frames.shape == (steps + 1, 64, 64, 3)  # before each action, and after the last
     assert frames.std() > 10  # a rendered scene
 
 

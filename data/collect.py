@@ -25,9 +25,12 @@ with two 84x84 cameras against 45 without, per worker).
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -95,6 +98,22 @@ def _task_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "image_size": int(cfg.task.image_size),
         "max_steps": cfg.task.max_steps,
     }
+
+
+@contextmanager
+def _ctrl_c_after() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done, so that an episode that finished is also stored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _scripted_episodes(
@@ -171,6 +190,10 @@ def collect(cfg: DictConfig, progress: bool = True) -> CollectSummary:
     from robomosaic.sim.tasks import make_task
 
     started = time.time()
+    if cfg.device.name != "scripted":
+        from robomosaic.data.devices import require_display
+
+        require_display(cfg.device.name)
     task = make_task(cfg.task.name, **_task_kwargs(cfg))
     spec = dataset_spec(task)
     if cfg.device.name != "scripted":
@@ -193,9 +216,10 @@ def collect(cfg: DictConfig, progress: bool = True) -> CollectSummary:
             summary.attempted += 1
             summary.successes += bool(meta["success"])
             if meta["success"] or cfg.keep_failed:
-                store.append_episode(data, meta)
-                summary.stored += 1
-                summary.seeds.append(int(meta["seed"]))
+                with _ctrl_c_after():
+                    store.append_episode(data, meta)
+                    summary.stored += 1
+                    summary.seeds.append(int(meta["seed"]))
                 bar.update()
             else:
                 summary.dropped += 1
@@ -227,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (StoreError, DeviceError, KeyError) as e:
         raise SystemExit(f"robomosaic-collect: {e}") from None
     print(summary.text())
-    if summary.stored < int(cfg.episodes) and not summary.interrupted:
+    if summary.interrupted:
+        raise SystemExit(130)  # the shell's code for a run stopped by Ctrl-C
+    if summary.stored < int(cfg.episodes):
         raise SystemExit(
             f"robomosaic-collect: only {summary.stored} of {cfg.episodes} episodes stored "
             f"({summary.attempted} attempted)"

@@ -26,7 +26,8 @@ class DeviceError(RuntimeError):
     """A teleoperation device or the viewer could not be opened; the message says why."""
 
 
-def _require_display(device: str) -> None:
+def require_display(device: str) -> None:
+    """Fail early, before building anything, when there is no display to teleoperate on."""
     if (
         sys.platform.startswith("linux")
         and not os.environ.get("DISPLAY")
@@ -41,7 +42,7 @@ def _require_display(device: str) -> None:
 def open_device(cfg: Any, env: Any) -> Any:
     """Open robosuite's `Keyboard` or `SpaceMouse` on a robosuite environment."""
     name = cfg.name
-    _require_display(name)
+    require_display(name)
     try:
         if name == "keyboard":
             from robosuite.devices.keyboard import Keyboard

@@ -86,25 +86,33 @@ def test_appending_with_a_different_schema_names_the_key(lift_store):
         main(["task=lift", "episodes=1", f"out={other}"])
 
 
+def _start_collector(out: Path, workers: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(COLLECT), "task=lift", "episodes=20", f"out={out}", f"workers={workers}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # a process group of its own: signals reach its workers as from a terminal
+    )
+
+
+def _wait_for_first_episode(proc: subprocess.Popen, out: Path) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        with warnings.catch_warnings():  # reading while it writes: a tail of the next episode
+            warnings.simplefilter("ignore")
+            if (out / "meta" / "episode_ends").exists() and EpisodeStore.open(out).n_episodes >= 1:
+                return
+        assert proc.poll() is None, "the collector exited before storing an episode"
+        time.sleep(0.2)
+    pytest.fail("no episode stored within 300 s")
+
+
 def test_sigkill_mid_episode_keeps_earlier_episodes(tmp_path, lift_task):
     out = tmp_path / "killed.zarr"
-    proc = subprocess.Popen(
-        [str(COLLECT), "task=lift", "episodes=20", f"out={out}", "workers=1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group, so the kill reaches the worker too
-    )
+    proc = _start_collector(out, workers=1)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            with warnings.catch_warnings():  # reading while it writes: a tail of the next episode
-                warnings.simplefilter("ignore")
-                if (out / "meta" / "episode_ends").exists() and EpisodeStore.open(out).n_episodes >= 1:
-                    break
-            assert proc.poll() is None, "the collector exited before storing an episode"
-            time.sleep(0.2)
-        else:
-            pytest.fail("no episode stored within 300 s")
+        _wait_for_first_episode(proc, out)
         time.sleep(0.5)  # well inside the next episode, which takes a few seconds
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -124,3 +132,29 @@ def test_sigkill_mid_episode_keeps_earlier_episodes(tmp_path, lift_task):
         expected = fresh.episode(by_seed[store.episode_meta(i)["seed"]])
         for key, value in store.episode(i).items():
             np.testing.assert_array_equal(value, expected[key], err_msg=key)
+
+
+def test_ctrl_c_stores_finished_episodes_and_says_so(tmp_path):
+    out = tmp_path / "interrupted.zarr"
+    proc = _start_collector(out, workers=2)
+    try:
+        _wait_for_first_episode(proc, out)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        printed, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    stored = EpisodeStore.open(out).n_episodes
+    assert 1 <= stored < 20
+    assert f"collected {stored} episodes into {out}" in printed and "(interrupted)" in printed
+
+
+@pytest.mark.parametrize("device", ["keyboard", "spacemouse"])
+def test_teleop_without_a_display_is_a_clear_error(tmp_path, monkeypatch, device):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    out = tmp_path / "teleop.zarr"
+    with pytest.raises(SystemExit, match=f"device={device}: needs a display"):
+        main(["task=lift", f"device={device}", "episodes=1", f"out={out}"])
+    assert not out.exists()

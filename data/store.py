@@ -17,7 +17,7 @@ warning. The one torn state of ``episode_ends`` itself is "shape grown, chunk no
 new entry then reads as the fill value 0, which no real episode end can be (episodes have at least one
 step), so `open` recognises and drops it. To keep that true, entries are zeroed before the array is
 ever shrunk, so stale values never reappear past the shape. zarr does not fsync: this protects against
-a killed process, not against losing power.
+a killed process, not against losing power. One process appends at a time (nothing locks the store).
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ class EpisodeStore:
             raise StoreError(f"{path}: already exists (open it, or pass overwrite=True to replace it)")
         if not spec.keys:
             raise StoreError(f"{path}: the spec has no keys")
+        for key in spec.keys:
+            if not key or "/" in key or key.startswith("."):
+                raise StoreError(f"{path}: key {key!r} is not a valid array name")
         root = zarr.open_group(path, mode="w", zarr_format=3)
         root.attrs.update({"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.to_dict()})
         data_group = root.create_group("data")
@@ -527,16 +530,18 @@ def _validate(
                 f"{path}: key {key!r} has {arr.shape[0]} steps but the episodes need {n_steps} "
                 f"(episode {episode} is incomplete)"
             )
-    tails = {k: a for k, a in {**data, **meta}.items() if a.shape[0] > (len(ends) if k in meta else n_steps)}
+    # (array name, array, committed length) of every array longer than the committed episodes
+    tails = [(f"data/{k}", a, n_steps) for k, a in data.items() if a.shape[0] > n_steps]
+    tails += [(f"meta/{k}", a, len(ends)) for k, a in meta.items() if a.shape[0] > len(ends)]
     if tails:
         warnings.warn(
-            f"{path}: arrays {sorted(tails)} run past the last episode end (an append was interrupted); "
-            f"{'truncating' if repair else 'ignoring'} the tail",
+            f"{path}: arrays {[name for name, _, _ in tails]} run past the last episode end (an append "
+            f"was interrupted); {'truncating' if repair else 'ignoring'} the tail",
             stacklevel=3,
         )
         if repair:
-            for k, a in tails.items():
-                a.resize((len(ends) if k in meta else n_steps, *a.shape[1:]))
+            for _, a, length in tails:
+                a.resize((length, *a.shape[1:]))
     return data, meta, ends
 
 

@@ -315,6 +315,7 @@ def convert(
 
 def main(argv: Sequence[str] | None = None) -> None:
     from robomosaic.conf import compose
+    from robomosaic.data.store import StoreError
 
     cfg = compose("convert", sys.argv[1:] if argv is None else argv)
     try:
@@ -322,12 +323,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             cfg.input,
             cfg.out,
             format=cfg.format,
-            task=cfg.task,
+            task=cfg.task.name if cfg.get("task") else None,
             cameras=list(cfg.cameras),
             image_size=int(cfg.image_size),
             overwrite=bool(cfg.overwrite),
         )
-    except (ConvertError, FileNotFoundError) as e:
+    except (ConvertError, FileNotFoundError, StoreError, KeyError) as e:  # KeyError: unknown task=
         raise SystemExit(f"robomosaic-convert: {e}") from None
     print(
         f"converted {summary.episodes} episodes ({summary.steps} steps) of {summary.input} "

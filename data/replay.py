@@ -81,6 +81,11 @@ def replay_episode(
     task = make_task(store.spec.task, cameras=cameras, image_size=size, max_steps=len(stored["action"]) + 1)
     try:
         obs = task.reset(seed=meta["seed"] if meta["seed"] >= 0 else None)
+        if task.get_state().shape != stored["state"].shape[1:]:
+            raise StoreError(
+                f"{store.path}: key 'state' has {stored['state'].shape[1:]} per step, but task "
+                f"{task.name!r} has a simulator state of {task.get_state().shape}; not its recording"
+            )
         # Setting a state re-reads the observations, which shifts when robosuite samples them
         # during later steps (by up to a millimetre); so set it only when the seeded reset did
         # not already land on the recorded initial state (converted data, a changed model).
@@ -130,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = replay_episode(
             store, int(cfg.episode), cfg.mode, camera=cfg.camera if cfg.video else None, size=int(cfg.size)
         )
-    except (StoreError, IndexError) as e:
+    except (StoreError, IndexError, KeyError) as e:  # KeyError: the store's task is not registered
         raise SystemExit(f"robomosaic-replay: {e}") from None
     print(result.summary())
     if cfg.video:

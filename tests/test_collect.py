@@ -86,6 +86,40 @@ def test_appending_with_a_different_schema_names_the_key(lift_store):
         main(["task=lift", "episodes=1", f"out={other}"])
 
 
+def test_failed_episodes_are_kept_only_when_asked(tmp_path):
+    out = tmp_path / "short.zarr"
+    with pytest.raises(SystemExit, match="only 0 of 1 episodes stored"):
+        main(["task=lift", "task.max_steps=4", "episodes=1", "max_attempts=2", f"out={out}", "workers=1"])
+    assert EpisodeStore.open(out).n_episodes == 0
+    main(["task=lift", "task.max_steps=4", "episodes=2", "keep_failed=true", f"out={out}", "workers=1"])
+    store = EpisodeStore.open(out)
+    assert [store.episode_meta(i)["success"] for i in range(2)] == [False, False]
+    assert list(np.diff(store.episode_ends, prepend=0)) == [4, 4]
+
+
+def test_camera_images_are_recorded_live(tmp_path):
+    from robomosaic.data.replay import replay_episode
+
+    out = tmp_path / "cameras.zarr"
+    main(
+        [
+            "task=lift",
+            "task.cameras=[agentview]",
+            "task.image_size=32",
+            "episodes=1",
+            f"out={out}",
+            "workers=1",
+        ]
+    )
+    store = EpisodeStore.open(out)
+    assert store.spec.keys["agentview_image"].shape == (32, 32, 3)
+    images = store.episode(0, ["agentview_image"])["agentview_image"]
+    assert images.dtype == np.uint8 and images.std() > 10
+    # the frames a replay renders from the stored actions are the recorded ones, pixel for pixel
+    frames = replay_episode(store, 0, "actions", camera="agentview", size=32).frames
+    np.testing.assert_array_equal(frames[:-1], images)
+
+
 def _start_collector(out: Path, workers: int) -> subprocess.Popen:
     return subprocess.Popen(
         [str(COLLECT), "task=lift", "episodes=20", f"out={out}", f"workers={workers}"],

@@ -52,7 +52,7 @@ def robosuite_demo(tmp_path_factory):
 def test_robosuite_demo_hdf5_converts_by_replaying_states(robosuite_demo, tmp_path):
     demo, live = robosuite_demo
     out = tmp_path / "lift.zarr"
-    main([f"input={demo}", f"out={out}", "cameras=[agentview]", "image_size=32"])
+    main([f"input={demo}", f"out={out}", "task=lift", "cameras=[agentview]", "image_size=32"])
     store = EpisodeStore.open(out)
     assert store.n_episodes == 1
     assert store.spec.task == "lift" and store.spec.controller == "OSC_POSE"

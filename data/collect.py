@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,6 @@ class CollectSummary:
     successes: int = 0
     dropped: int = 0  # failed episodes not stored (keep_failed=false)
     interrupted: bool = False
-    seeds: list[int] = field(default_factory=list)  # seeds of the stored episodes, in order
     store_episodes: int = 0  # episodes in the store after this run
     seconds: float = 0.0
 
@@ -219,7 +218,6 @@ def collect(cfg: DictConfig, progress: bool = True) -> CollectSummary:
                 with _ctrl_c_after():
                     store.append_episode(data, meta)
                     summary.stored += 1
-                    summary.seeds.append(int(meta["seed"]))
                 bar.update()
             else:
                 summary.dropped += 1

@@ -171,7 +171,7 @@ def _robomimic(f: h5py.File, path: str, task: str | None) -> tuple[DatasetSpec, 
 def _robosuite(
     f: h5py.File, path: str, task: str | None, cameras: Sequence[str], image_size: int
 ) -> tuple[DatasetSpec, list[str], Iterator[Episode]]:
-    from robomosaic.sim.tasks import TASKS, make_task
+    from robomosaic.sim.tasks import ACTION_SPEC, CONTROLLER, ROBOT, TASKS, make_task
 
     data = _require(f, "data", path)
     names = _demo_names(data, path)
@@ -187,22 +187,20 @@ def _robosuite(
         raise ConvertError(
             f"{path}: recorded in environment {env_name!r} but task {task!r} is {TASKS[task].env_name!r}"
         )
-    sim_task = make_task(task, cameras=cameras, image_size=image_size)
-    robots = env_info.get("robots", [sim_task.spec.robot])
+    robots = env_info.get("robots", [ROBOT])
     robots = [robots] if isinstance(robots, str) else list(robots)
-    if robots != [sim_task.spec.robot]:
-        raise ConvertError(
-            f"{path}: recorded with robots {robots}, task {task!r} has [{sim_task.spec.robot!r}]"
-        )
-    controller = controller_name(env_info.get("controller_configs", {})) or sim_task.spec.controller
+    if robots != [ROBOT]:
+        raise ConvertError(f"{path}: recorded with robots {robots}, task {task!r} has [{ROBOT!r}]")
+    controller = controller_name(env_info.get("controller_configs", {})) or CONTROLLER
     first = data[names[0]]
     state_dim = _require(first, "states", path).shape[1:]
     action_shape = _require(first, "actions", path).shape[1:]
-    if action_shape != sim_task.spec.action.shape:
+    if action_shape != ACTION_SPEC.shape:
         raise ConvertError(
             f"{path}: {first.name}/actions has shape {action_shape} per step, "
-            f"task {task!r} takes {sim_task.spec.action.shape}"
+            f"task {task!r} takes {ACTION_SPEC.shape}"
         )
+    sim_task = make_task(task, cameras=cameras, image_size=image_size)
     keys = dict(sim_task.spec.obs)
     keys["action"] = sim_task.spec.action
     keys["reward"] = KeySpec((), "float32", description="reward (shaped) after the action")

@@ -158,6 +158,8 @@ def check_state_dict(
 
 
 POLICY_CLASSES: dict[str, Callable[[Checkpoint], Any]] = {}
+# Modules whose import registers policy classes; imported on first `load_policy`.
+POLICY_MODULES = ("robomosaic.policies.denoising_policy",)
 
 
 def register_policy(name: str) -> Callable[[Callable[[Checkpoint], Any]], Callable[[Checkpoint], Any]]:
@@ -172,6 +174,10 @@ def register_policy(name: str) -> Callable[[Callable[[Checkpoint], Any]], Callab
 
 def load_policy(path: str | Path) -> Any:
     """Any policy of the project, from its checkpoint folder."""
+    import importlib
+
+    for module in POLICY_MODULES:
+        importlib.import_module(module)
     ckpt = read_checkpoint(path)
     name = ckpt.spec.get("policy_class")
     if name not in POLICY_CLASSES:

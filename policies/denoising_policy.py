@@ -1,0 +1,267 @@
+"""`DenoisingPolicy`: observation encoder + denoiser network + noise process + normalizer.
+
+One class serves every generative policy of the core: the network (`unet` or `transformer`) and
+the noise process (`ddpm`, `flow`, `edm`) are picked by config, and whatever the combination it
+exposes the same `denoise(x, sigma, cond) -> x0_hat` contract to the samplers (docs/design.md).
+
+Observations are encoded once per chunk (`encode`) and the embedding is reused at every denoising
+step. Actions are normalized per dimension to [-1, 1]; `predict_chunk` returns robot units.
+
+    policy = DenoisingPolicy(config, obs_spec, action_spec, normalizer)
+    loss = policy(batch)                               # training (DDP wraps this forward)
+    chunk = policy.predict_chunk(history)              # (horizon, action_dim), robot units
+    policy.save("runs/lift/best"); policy = load_policy("runs/lift/best")
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from robomosaic.data.normalizer import Normalizer
+from robomosaic.data.spec import KeySpec
+from robomosaic.policies.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_state_dict,
+    register_policy,
+    save_checkpoint,
+)
+from robomosaic.policies.encoders import ObservationEncoder
+from robomosaic.policies.networks import ConditionalUnet1D, TransformerDenoiser
+from robomosaic.policies.noise import make_process
+from robomosaic.policies.samplers import GuidedInpainting, Inpainting, sample
+
+# What each process feeds the network as its noise input, and the scale that spreads it over the
+# range the sinusoidal embedding resolves well (DDPM timesteps are already 0..T-1).
+NOISE_SCALE = {"ddpm": 1.0, "flow": 100.0, "edm": 100.0}
+
+# Real-time chunking clips its guidance weight (Black et al. 2025 use beta = 5).
+RTC_MAX_GUIDANCE = 5.0
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "horizon": 16,
+    "n_obs_steps": 2,
+    "n_action_steps": 8,
+    "network": "unet",
+    "unet": {"down_dims": [64, 128, 256], "noise_embed_dim": 128, "kernel_size": 5, "n_groups": 8},
+    "transformer": {"d_model": 128, "depth": 4, "n_heads": 4, "mlp_ratio": 4.0},
+    "encoder": {"state_feature_dim": 128, "state_hidden_dims": [256]},
+    "process": {"name": "ddpm"},
+    "sampler": "ddim",
+    "steps": 10,
+    # Clamp x0_hat to the normalized action range at every step, as diffusion_policy's schedulers
+    # do (clip_sample): an epsilon-network's error is multiplied by sigma at high noise levels.
+    "clip_sample": True,
+}
+
+
+def merge_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """DEFAULT_CONFIG updated (one level deep for nested sections) by `config`."""
+    merged = copy.deepcopy(DEFAULT_CONFIG)
+    for key, value in (config or {}).items():
+        if key not in merged:
+            raise KeyError(f"unknown policy config key {key!r} (known: {sorted(merged)})")
+        if isinstance(merged[key], dict) and isinstance(value, Mapping):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+class DenoisingPolicy(nn.Module):
+    """A chunked diffusion / flow policy (see the module docstring)."""
+
+    policy_class = "DenoisingPolicy"
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | None,
+        obs_spec: Mapping[str, KeySpec],
+        action_spec: KeySpec,
+        normalizer: Normalizer,
+    ) -> None:
+        super().__init__()
+        self.config = merge_config(config)
+        cfg = self.config
+        self.obs_spec = dict(obs_spec)
+        self.action_spec = action_spec
+        self.normalizer = normalizer
+        self.horizon, self.n_obs_steps = int(cfg["horizon"]), int(cfg["n_obs_steps"])
+        self.n_action_steps = int(cfg["n_action_steps"])
+        if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
+            raise ValueError(
+                f"n_action_steps={self.n_action_steps} must be in [1, horizon - n_obs_steps + 1 = "
+                f"{self.horizon - self.n_obs_steps + 1}]"
+            )
+        missing = [k for k in [*self.obs_spec, "action"] if k not in normalizer.modes]
+        if missing:
+            raise ValueError(f"the normalizer has no statistics for {missing}")
+        self.action_dim = int(np.prod(action_spec.shape))
+        encoder_cfg = dict(cfg["encoder"])
+        self.encoder = ObservationEncoder(self.obs_spec, self.n_obs_steps, **encoder_cfg)
+        process_cfg = dict(cfg["process"])
+        process_name = process_cfg.pop("name")
+        self.process = make_process(process_name, **process_cfg)
+        noise_scale = NOISE_SCALE[process_name]
+        if cfg["network"] == "unet":
+            self.network = ConditionalUnet1D(
+                self.action_dim, self.encoder.out_dim, noise_scale=noise_scale, **cfg["unet"]
+            )
+            if self.horizon % self.network.horizon_multiple:
+                raise ValueError(
+                    f"horizon={self.horizon} must be a multiple of {self.network.horizon_multiple} "
+                    f"for a U-Net with down_dims {cfg['unet']['down_dims']}"
+                )
+        elif cfg["network"] == "transformer":
+            self.network = TransformerDenoiser(
+                self.action_dim,
+                self.encoder.out_dim,
+                self.horizon,
+                noise_scale=noise_scale,
+                **cfg["transformer"],
+            )
+        else:
+            raise ValueError(f"network must be 'unet' or 'transformer', got {cfg['network']!r}")
+        self._denoise = self.process.denoiser(self.network)
+
+    # -- the contract ---------------------------------------------------------------------------
+    def encode(self, obs: Mapping[str, Tensor]) -> Tensor:
+        """Observation histories {key: (B, n_obs_steps, ...)} in robot units -> cond (B, cond_dim)."""
+        return self.encoder({k: self.normalizer.normalize(obs[k], k) for k in self.encoder.obs_keys})
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
+        """x0_hat of a VE-noisy normalized action chunk (the core contract)."""
+        x0_hat = self._denoise(x, sigma, cond)
+        return x0_hat.clamp(-1.0, 1.0) if self.config["clip_sample"] else x0_hat
+
+    # -- training -------------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """The training loss of a `SequenceDataset` batch (forward, so that DDP can wrap it)."""
+        actions = self.normalizer.normalize(batch["action"].float(), "action")
+        cond = self.encode(batch["obs"])
+        example = self.process.training_example(actions, generator=generator)
+        prediction = self.network(example.net_input, example.net_time, cond)
+        return self.process.loss(prediction, example)
+
+    # -- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_actions(
+        self,
+        obs: Mapping[str, Tensor],
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        committed: Tensor | None = None,
+        steps: int | None = None,
+        sampler: str | None = None,
+    ) -> Tensor:
+        """Action chunks (B, horizon, action_dim) in robot units for a batch of histories.
+
+        `committed` (B, horizon, action_dim) in robot units, NaN where free, is inpainted (real-time
+        chunking: the new chunk reproduces the actions that will execute before it takes over).
+        """
+        cond = self.encode(obs)
+        batch = cond.shape[0]
+        denoise, on_step = self.denoise, None
+        if committed is not None:
+            # Guidance pulls the free part of the chunk toward continuations of the committed
+            # actions; overwriting makes the committed part itself come out exact.
+            mask = torch.isfinite(committed)
+            known = self.normalizer.normalize(torch.nan_to_num(committed.float()), "action")
+            denoise = GuidedInpainting(self.denoise, mask, known, max_weight=RTC_MAX_GUIDANCE)
+            on_step = Inpainting(mask, known, generator=generator)
+        x = sample(
+            denoise,
+            (batch, self.horizon, self.action_dim),
+            cond,
+            steps or int(self.config["steps"]),
+            self.process,
+            sampler or self.config["sampler"],
+            on_step=on_step,
+            generator=generator,
+            noise=noise,
+            device=cond.device,
+        )
+        return self.normalizer.unnormalize(x, "action")
+
+    def predict_chunk(
+        self,
+        history: Mapping[str, np.ndarray],
+        committed: np.ndarray | None = None,
+        generator: torch.Generator | None = None,
+    ) -> np.ndarray:
+        """One chunk (horizon, action_dim) in robot units from one history {key: (n_obs_steps, ...)}."""
+        device = next(self.parameters()).device
+        obs = {}
+        for key in self.encoder.obs_keys:
+            if key not in history:
+                raise KeyError(f"observation history lacks key {key!r} (has {sorted(history)})")
+            obs[key] = torch.as_tensor(np.asarray(history[key]), device=device)[None]
+        c = None
+        if committed is not None:
+            c = torch.as_tensor(np.asarray(committed, dtype=np.float32), device=device)[None]
+        was_training = self.training
+        self.eval()
+        try:
+            chunk = self.sample_actions(obs, generator=generator, committed=c)
+        finally:
+            self.train(was_training)
+        return chunk[0].cpu().numpy().astype(np.float64)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def spec_dict(self) -> dict[str, Any]:
+        return {
+            "obs": {k: v.to_dict() for k, v in self.obs_spec.items()},
+            "action": self.action_spec.to_dict(),
+            "horizon": self.horizon,
+            "n_obs_steps": self.n_obs_steps,
+            "n_action_steps": self.n_action_steps,
+        }
+
+    def save(self, path: str | Path, extra_spec: Mapping[str, Any] | None = None) -> Path:
+        """Write a checkpoint folder (config.yaml, model/normalizer safetensors, spec.json)."""
+        normalizer_tensors = {
+            f"{k}/{n}": torch.as_tensor(v) for k, s in self.normalizer.stats.items() for n, v in s.items()
+        }
+        spec = {**self.spec_dict(), "normalizer_modes": self.normalizer.modes, **dict(extra_spec or {})}
+        return save_checkpoint(
+            path,
+            self.policy_class,
+            self.config,
+            {"model": self.state_dict(), "normalizer": normalizer_tensors},
+            spec,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint) -> DenoisingPolicy:
+        spec = ckpt.spec
+        try:
+            obs_spec = {k: KeySpec.from_dict(v) for k, v in spec["obs"].items()}
+            action_spec = KeySpec.from_dict(spec["action"])
+            modes = spec["normalizer_modes"]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt.path / 'spec.json'}: missing or malformed entry {e}") from None
+        stats: dict[str, dict[str, np.ndarray]] = {}
+        for name, tensor in ckpt.parts.get("normalizer", {}).items():
+            key, _, stat = name.rpartition("/")
+            stats.setdefault(key, {})[stat] = tensor.numpy()
+        try:
+            policy = cls(ckpt.config, obs_spec, action_spec, Normalizer(modes, stats))
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{ckpt.path}: config.yaml does not build a policy: {e}") from None
+        weights = ckpt.parts.get("model")
+        if weights is None:
+            raise CheckpointError(f"{ckpt.path}: no model.safetensors")
+        check_state_dict(str(ckpt.path / "model.safetensors"), policy.state_dict(), weights)
+        policy.load_state_dict(weights)
+        policy.eval()
+        return policy
+
+
+register_policy(DenoisingPolicy.policy_class)(DenoisingPolicy.from_checkpoint)

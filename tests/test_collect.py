@@ -192,3 +192,34 @@ def test_teleop_without_a_display_is_a_clear_error(tmp_path, monkeypatch, device
     with pytest.raises(SystemExit, match=f"device={device}: needs a display"):
         main(["task=lift", f"device={device}", "episodes=1", f"out={out}"])
     assert not out.exists()
+
+
+def test_teleop_loop_records_what_the_device_commands(lift_task):
+    """The teleop loop with the hardware replaced by a device that answers `input2action` the way
+    robosuite's devices do (their module needs an X display to import): up for six steps, then reset."""
+    from robomosaic.data.devices import teleop_episode
+
+    class Upwards:
+        def start_control(self):
+            self.calls = 0
+
+        def input2action(self):
+            self.calls += 1
+            if self.calls > 6:
+                return None  # the operator pressed reset
+            up = np.array([0.0, 0.0, 0.75, 0.0, 0.0, 0.0])
+            return {"right_delta": up, "right_abs": np.zeros(6), "right_gripper": np.array([1.0])}
+
+    class Window:
+        def is_running(self):
+            return True
+
+        def sync(self):
+            pass
+
+    data, meta = teleop_episode(lift_task, Upwards(), Window(), seed=4, max_fr=None)
+    assert len(data["action"]) == 6 and meta["seed"] == 4 and meta["success"] is False
+    np.testing.assert_array_equal(data["action"][:, :6], np.tile([0, 0, 0.75, 0, 0, 0], (6, 1)))
+    np.testing.assert_array_equal(data["action"][:, 6], 1.0)  # gripper closed
+    assert data["robot0_eef_pos"][-1, 2] > data["robot0_eef_pos"][0, 2] + 0.01
+    assert set(data) == set(lift_task.spec.obs) | {"action", "reward", "state"}

@@ -1,0 +1,166 @@
+"""A chunk-predicting policy as a `robomosaic.sim.vector.Policy`, run through the shared executor.
+
+    policy = ExecutorPolicy(load_policy("runs/lift/best"), task.spec, blend="ensemble", inference_delay=0.1)
+    results = run_episodes("lift", seeds, policy, n_envs=2)
+    policy.episode_stats[seed]      # holds, dropped actions, deadline misses, chunks, latencies
+
+Each environment gets its own `ChunkExecutor` with `DelayedInference`, on a simulated clock
+(time = step index / control_hz), so an inference delay is reproduced exactly and deterministically
+whatever this machine's speed: evaluation in simulation runs the code a robot runs (docs/design.md).
+Every episode samples from a torch.Generator seeded from (seed, episode seed), so a result depends
+on the episode's seed only, not on the number of workers or the order episodes finish in.
+
+Inference is not batched across environments: the executor requests a chunk inside `act`, and a
+batched call is not bit-identical to per-environment calls on CPU (other kernels, other summation
+order), which would make a result depend on which environments happened to replan together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from robomosaic.data.spec import KeySpec
+from robomosaic.policies.executor import (
+    Blend,
+    ChunkExecutor,
+    DelayedInference,
+    ExecutorConfig,
+    ExecutorStats,
+    hold_zero_motion,
+)
+from robomosaic.sim.tasks import TaskSpec
+
+Obs = dict[str, np.ndarray]
+
+# OSC delta actions: dimension 6 is the gripper, which keeps its last command during a hold
+# (opening it would drop a grasped object).
+OSC_GRIPPER_DIMS = (6,)
+
+
+class ChunkPolicy(Protocol):
+    """What `ExecutorPolicy` drives: `DenoisingPolicy` and anything shaped like it."""
+
+    horizon: int
+    n_obs_steps: int
+    n_action_steps: int
+    obs_spec: Mapping[str, KeySpec]
+
+    def predict_chunk(
+        self,
+        history: Mapping[str, np.ndarray],
+        committed: np.ndarray | None = None,
+        generator: torch.Generator | None = None,
+    ) -> np.ndarray: ...
+
+
+@dataclass
+class EpisodeStats:
+    """One episode's executor statistics and the wall time of every `predict_chunk` call."""
+
+    seed: int
+    executor: ExecutorStats
+    inference_seconds: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.executor
+        return {
+            "held": dict(sorted(s.held.items())),
+            "rejected_obs": s.rejected_obs,
+            "dropped_actions": s.dropped_actions,
+            "deadline_misses": s.deadline_misses,
+            "chunks": s.chunks,
+            "inference_ms_mean": 1000 * float(np.mean(self.inference_seconds))
+            if self.inference_seconds
+            else None,
+        }
+
+
+def episode_generator(seed: int, episode_seed: int) -> torch.Generator:
+    """The sampling noise stream of one episode: a function of both seeds only."""
+    state = np.random.SeedSequence([int(seed), int(episode_seed)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class ExecutorPolicy:
+    """Runs `policy` in every environment through its own `ChunkExecutor` (see module docstring)."""
+
+    def __init__(
+        self,
+        policy: ChunkPolicy,
+        task: TaskSpec,
+        blend: Blend = "none",
+        n_action_steps: int | None = None,
+        inference_delay: float = 0.0,
+        seed: int = 0,
+        ensemble_decay: float = 0.01,
+        gripper_dims: tuple[int, ...] = OSC_GRIPPER_DIMS,
+    ) -> None:
+        self.policy = policy
+        self.obs_keys = list(policy.obs_spec)
+        self.action_dim = int(np.prod(task.action.shape))
+        n_action_steps = int(n_action_steps or policy.n_action_steps)
+        usable = policy.horizon - policy.n_obs_steps + 1
+        if not 1 <= n_action_steps <= usable:
+            raise ValueError(
+                f"n_action_steps={n_action_steps} must be in [1, horizon - n_obs_steps + 1 = {usable}]"
+            )
+        if inference_delay < 0:
+            raise ValueError(f"inference_delay must be >= 0 seconds, got {inference_delay}")
+        bad = [d for d in gripper_dims if not 0 <= d < self.action_dim]
+        if bad:
+            raise ValueError(f"gripper_dims {bad} out of range for action_dim={self.action_dim}")
+        self.config = ExecutorConfig(
+            control_hz=task.control_hz,
+            n_obs_steps=policy.n_obs_steps,
+            n_action_steps=n_action_steps,
+            blend=blend,
+            ensemble_decay=ensemble_decay,
+        )
+        self.inference_delay = float(inference_delay)
+        self.seed = int(seed)
+        self.gripper_dims = tuple(gripper_dims)
+        self.executors: dict[int, ChunkExecutor] = {}
+        self.steps: dict[int, int] = {}
+        self.current: dict[int, EpisodeStats] = {}
+        self.generators: dict[int, torch.Generator] = {}
+        self.episode_stats: dict[int, EpisodeStats] = {}  # by episode seed
+
+    def reset(self, env_index: int, obs: Obs, seed: int) -> None:
+        if env_index not in self.executors:
+            self.executors[env_index] = ChunkExecutor(
+                DelayedInference(self._predictor(env_index), self.inference_delay),
+                self.config,
+                self.action_dim,
+                hold=lambda last: hold_zero_motion(last, self.action_dim, self.gripper_dims),
+            )
+        executor = self.executors[env_index]
+        executor.reset()
+        self.steps[env_index] = 0
+        self.generators[env_index] = episode_generator(self.seed, seed)
+        # The executor replaces its stats object at reset; this one fills as the episode runs.
+        self.current[env_index] = self.episode_stats[int(seed)] = EpisodeStats(int(seed), executor.stats)
+
+    def act(self, obs: Sequence[Obs], env_indices: Sequence[int]) -> np.ndarray:
+        actions = np.empty((len(env_indices), self.action_dim))
+        for row, (o, i) in enumerate(zip(obs, env_indices, strict=True)):
+            executor = self.executors[i]
+            now = self.steps[i] / self.config.control_hz
+            executor.observe({k: o[k] for k in self.obs_keys}, now)
+            actions[row], _ = executor.act(now)
+            self.steps[i] += 1
+        return actions
+
+    def _predictor(self, env_index: int):
+        def predict(history: Obs, committed: np.ndarray | None) -> np.ndarray:
+            start = time.perf_counter()
+            chunk = self.policy.predict_chunk(history, committed, generator=self.generators[env_index])
+            self.current[env_index].inference_seconds.append(time.perf_counter() - start)
+            return chunk
+
+        return predict

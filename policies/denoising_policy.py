@@ -142,11 +142,20 @@ class DenoisingPolicy(nn.Module):
         return x0_hat.clamp(-1.0, 1.0) if self.config["clip_sample"] else x0_hat
 
     # -- training -------------------------------------------------------------------------------
-    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
-        """The training loss of a `SequenceDataset` batch (forward, so that DDP can wrap it)."""
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        level: Tensor | None = None,
+    ) -> Tensor:
+        """The training loss of a `SequenceDataset` batch (forward, so that DDP can wrap it).
+
+        `noise` and `level` (the process's own noise level per sample) are drawn when not given.
+        """
         actions = self.normalizer.normalize(batch["action"].float(), "action")
         cond = self.encode(batch["obs"])
-        example = self.process.training_example(actions, generator=generator)
+        example = self.process.training_example(actions, noise=noise, level=level, generator=generator)
         prediction = self.network(example.net_input, example.net_time, cond)
         return self.process.loss(prediction, example)
 

@@ -29,8 +29,8 @@ def lift_state_obs() -> dict[str, KeySpec]:
     return {k: spec.obs[k] for k in spec.state_keys}
 
 
-def save_tiny_policy(path, obs_spec=None, task: str | None = "lift"):
-    """An untrained DenoisingPolicy over lift's state keys, saved as a checkpoint folder."""
+def tiny_policy(obs_spec=None) -> DenoisingPolicy:
+    """An untrained DenoisingPolicy over lift's state keys (and any image keys in `obs_spec`)."""
     obs_spec = obs_spec or lift_state_obs()
     low = {
         "robot0_eef_pos": [-0.5, -0.5, 0.7],
@@ -40,6 +40,7 @@ def save_tiny_policy(path, obs_spec=None, task: str | None = "lift"):
         "action": [-1.0] * 7,
     }
     stats = {k: {"min": np.array(v), "max": np.array(v) + 2.0} for k, v in low.items()}
+    modes = {k: "minmax" for k in stats} | {k: "image" for k, v in obs_spec.items() if v.is_image}
     config = {
         "horizon": 8,
         "n_obs_steps": 2,
@@ -49,8 +50,11 @@ def save_tiny_policy(path, obs_spec=None, task: str | None = "lift"):
         "steps": 3,
     }
     torch.manual_seed(0)
-    policy = DenoisingPolicy(config, obs_spec, ACTION_SPEC, Normalizer({k: "minmax" for k in stats}, stats))
-    return policy.save(path, extra_spec={"task": task} if task else None)
+    return DenoisingPolicy(config, obs_spec, ACTION_SPEC, Normalizer(modes, stats))
+
+
+def save_tiny_policy(path, obs_spec=None, task: str | None = "lift"):
+    return tiny_policy(obs_spec).save(path, extra_spec={"task": task} if task else None)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +126,17 @@ def test_spec_mismatch_and_bad_arguments_are_rejected(tmp_path, checkpoint):
     no_task = save_tiny_policy(tmp_path / "no_task", task=None)
     with pytest.raises(EvaluationError, match="names no task: pass task=<name>"):
         evaluate(no_task, episodes=1)
+    with pytest.raises(EvaluationError, match="a policy object needs task=<name>"):
+        evaluate(load_policy(checkpoint), episodes=1)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_image_policy_gets_its_camera(tmp_path):
+    """A policy object with an agentview_image key: the task is built with that camera and size."""
+    obs_spec = {**lift_state_obs(), "agentview_image": KeySpec((64, 64, 3), "uint8")}
+    result = evaluate(tiny_policy(obs_spec), task="lift", episodes=1, workers=1, max_steps=3, progress=False)
+    assert result["checkpoint"] is None and result["settings"]["cameras"] == ["agentview"]
+    assert result["per_episode"][0]["length"] == 3 and result["executor"]["chunks"] == 1
 
 
 class ExpertChunks:

@@ -27,6 +27,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -385,18 +386,22 @@ class _ChunkReader:
         self.capacity = capacity
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._size = 0
+        self._layouts: dict[str, _ChunkLayout | None] = {}
 
     def clear(self) -> None:
         self._cache.clear()
         self._size = 0
 
     def read(self, key: str, arr: zarr.Array, frames: np.ndarray) -> np.ndarray:
-        if not _direct_readable(arr):
+        if key not in self._layouts:
+            self._layouts[key] = _ChunkLayout.of(self.root / "data" / key, arr)
+        layout = self._layouts[key]
+        if layout is None:
             unique, inverse = np.unique(frames, return_inverse=True)
             return arr.get_orthogonal_selection((unique,))[inverse.reshape(frames.shape)]
         flat = frames.reshape(-1)
-        size = arr.chunks[0]
-        out = np.empty((len(flat), *arr.shape[1:]), dtype=arr.dtype)
+        size = layout.shape[0]
+        out = np.empty((len(flat), *layout.shape[1:]), dtype=layout.dtype)
         chunk_of = flat // size
         order = np.argsort(chunk_of, kind="stable")
         bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
@@ -404,20 +409,20 @@ class _ChunkReader:
             if len(rows) == 0:
                 continue
             c = int(chunk_of[rows[0]])
-            out[rows] = self._chunk(key, arr, c)[flat[rows] - c * size]
-        return out.reshape(*frames.shape, *arr.shape[1:])
+            out[rows] = self._chunk(key, layout, c)[flat[rows] - c * size]
+        return out.reshape(*frames.shape, *layout.shape[1:])
 
-    def _chunk(self, key: str, arr: zarr.Array, c: int) -> np.ndarray:
+    def _chunk(self, key: str, layout: _ChunkLayout, c: int) -> np.ndarray:
         cached = self._cache.get((key, c))
         if cached is not None:
             self._cache.move_to_end((key, c))
             return cached
-        file = self.root / "data" / key / arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
-        if file.is_file():
-            raw = blosc.decompress(file.read_bytes())
-            chunk = np.frombuffer(raw, dtype=arr.dtype.newbyteorder("<")).reshape(arr.chunks)
-        else:  # zarr does not write chunks that hold only the fill value
-            chunk = np.full(arr.chunks, arr.metadata.fill_value, dtype=arr.dtype)
+        try:
+            with open(f"{layout.prefix}{c}{layout.suffix}", "rb") as f:
+                raw = blosc.decompress(f.read())
+            chunk = np.frombuffer(raw, dtype=layout.dtype).reshape(layout.shape)
+        except FileNotFoundError:  # zarr does not write chunks that hold only the fill value
+            chunk = np.full(layout.shape, layout.fill_value, dtype=layout.dtype)
         if chunk.nbytes <= self.capacity:
             self._cache[(key, c)] = chunk
             self._size += chunk.nbytes
@@ -426,16 +431,40 @@ class _ChunkReader:
         return chunk
 
 
-def _direct_readable(arr: zarr.Array) -> bool:
-    codecs = arr.metadata.codecs
-    return (
-        isinstance(arr.metadata.chunk_grid, RegularChunkGrid)
-        and len(codecs) == 2
-        and isinstance(codecs[0], BytesCodec)
-        and isinstance(codecs[1], BloscCodec)
-        and arr.metadata.chunk_key_encoding.name == "default"
-        and arr.chunks[1:] == arr.shape[1:]
-    )
+@dataclass(frozen=True)
+class _ChunkLayout:
+    """Where the chunk files of an array are and how to decode them (computed once per key: zarr's
+    metadata properties and pathlib cost more than reading a small chunk)."""
+
+    prefix: str  # chunk file of time chunk c: f"{prefix}{c}{suffix}"
+    suffix: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill_value: Any
+
+    @classmethod
+    def of(cls, directory: Path, arr: zarr.Array) -> _ChunkLayout | None:
+        """The layout, or None for arrays this module did not create (read those through zarr)."""
+        meta = arr.metadata
+        codecs = meta.codecs
+        if not (
+            isinstance(meta.chunk_grid, RegularChunkGrid)
+            and len(codecs) == 2
+            and isinstance(codecs[0], BytesCodec)
+            and (codecs[0].endian is None or codecs[0].endian.value == "little")
+            and isinstance(codecs[1], BloscCodec)
+            and meta.chunk_key_encoding.name == "default"
+            and arr.chunks[1:] == arr.shape[1:]
+        ):
+            return None
+        sep = meta.chunk_key_encoding.separator
+        return cls(
+            prefix=f"{directory}/c{sep}",
+            suffix=f"{sep}0" * (arr.ndim - 1),
+            shape=tuple(arr.chunks),
+            dtype=arr.dtype.newbyteorder("<"),  # the bytes codec writes little endian
+            fill_value=meta.fill_value,
+        )
 
 
 def _read_spec(path: Path, root: zarr.Group) -> DatasetSpec:

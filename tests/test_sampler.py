@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from robomosaic.data.sampler import SequenceDataset, SequenceSampler, make_dataloader, split_episodes
 from robomosaic.data.spec import DatasetSpec, KeySpec
@@ -189,3 +190,20 @@ def test_dataloader_with_worker_processes(tiny_path):
     loader = make_dataloader(dataset, batch_size=2, shuffle=False, num_workers=2, drop_last=False)
     seen = [v for batch in loader for v in batch["obs"]["obs"][:, -1, 0].tolist()]
     assert seen == list(range(8))
+
+
+def test_arrays_with_other_codecs_are_read_through_zarr(tmp_path):
+    """A store whose array was rewritten by another tool (zstd, not blosc) still reads correctly."""
+    path = tmp_path / "tiny.zarr"
+    tiny_store(path)
+    group = zarr.open_group(path, mode="r+")
+    action = group["data/action"][:]
+    del group["data/action"]
+    group.create_array("data/action", data=action, chunks=(3, 2), compressors=[zarr.codecs.ZstdCodec()])
+    disk = SequenceSampler(EpisodeStore.open(path), ["obs"], ["action"], horizon=4, n_obs_steps=2)
+    memory = SequenceSampler(
+        EpisodeStore.open(path, in_memory=True), ["obs"], ["action"], horizon=4, n_obs_steps=2
+    )
+    index = np.arange(len(disk))
+    np.testing.assert_array_equal(disk.sample_batch(index)["action"], memory.sample_batch(index)["action"])
+    assert memory.sample(7)["action"][:, 0].tolist() == [6, 7, 7, 7]

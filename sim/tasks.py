@@ -207,7 +207,14 @@ class Task:
     def render(self, camera: str = "agentview", size: int | None = None) -> np.ndarray:
         """An RGB frame (uint8 HWC, row 0 at the top) from any camera, for videos."""
         size = int(size or self.image_size)
-        frame = self.env.sim.render(camera_name=camera, height=size, width=size)
+        sim = self.env.sim
+        if sim._render_context_offscreen is None:  # a task without cameras renders only for videos
+            from robosuite.utils.binding_utils import MjRenderContextOffscreen
+
+            context = MjRenderContextOffscreen(sim, device_id=-1)  # registers itself with `sim`
+            context.vopt.geomgroup[0] = 0  # as robosuite does: visual meshes, not collision meshes
+            context.vopt.geomgroup[1] = 1
+        frame = sim.render(camera_name=camera, height=size, width=size)
         return np.ascontiguousarray(frame[::-1])
 
     def close(self) -> None:

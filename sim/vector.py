@@ -63,8 +63,8 @@ def _worker(conn: Connection, task_kwargs: dict[str, Any]) -> None:
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
-    conn.send(("ok", None))
     try:
+        conn.send(("ok", None))
         while True:
             command, args = conn.recv()
             if command == "close":

@@ -198,7 +198,12 @@ class Task:
         return self.observe()
 
     def observe(self) -> dict[str, np.ndarray]:
-        """The observation at the current simulator state (renders cameras if any)."""
+        """The observation at the current simulator state (renders cameras if any).
+
+        Kinematics are recomputed first: the observation `step` returns is robosuite's, computed
+        before the last physics substep's kinematics update (about 2 ms of motion behind the state).
+        """
+        self.env.sim.forward()
         return self._observe(self.env._get_observations(force_update=True))
 
     def model_xml(self) -> str:

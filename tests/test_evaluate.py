@@ -121,6 +121,12 @@ def test_spec_mismatch_and_bad_arguments_are_rejected(tmp_path, checkpoint):
         main([f"checkpoint={wrong}", "episodes=1", "workers=1", f"out={tmp_path / 'x.json'}"])
     with pytest.raises(SystemExit, match="checkpoint folder .*missing.* does not exist"):
         main([f"checkpoint={tmp_path / 'missing'}", f"out={tmp_path / 'x.json'}"])
+    with pytest.raises(EvaluationError, match="blend must be one of none, ensemble, rtc; got 'smooth'"):
+        evaluate(checkpoint, episodes=1, blend="smooth")
+    with pytest.raises(
+        EvaluationError, match=r"n_action_steps=8 must be in \[1, horizon - n_obs_steps \+ 1 = 7\]"
+    ):
+        evaluate(checkpoint, episodes=1, n_action_steps=8)
     with pytest.raises(EvaluationError, match="seed_offset=5 may overlap"):
         evaluate(checkpoint, episodes=1, seed_offset=5)
     no_task = save_tiny_policy(tmp_path / "no_task", task=None)

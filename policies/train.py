@@ -126,8 +126,10 @@ def make_loader(
 def forever(loader: DataLoader) -> Iterator[dict[str, Any]]:
     epoch = 0
     while True:
-        if isinstance(getattr(loader.batch_sampler, "sampler", None), DistributedSampler):
-            loader.batch_sampler.sampler.set_epoch(epoch)
+        # Batches come from a BatchSampler passed as the loader's sampler (batch_size=None).
+        order = getattr(loader.sampler, "sampler", None)
+        if isinstance(order, DistributedSampler):
+            order.set_epoch(epoch)
         yield from loader
         epoch += 1
 
@@ -327,6 +329,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/grad_norm", float(grad_norm), step)
                 metrics.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr}) + "\n")
+                metrics.flush()
         evaluate_now = int(cfg.train.eval_every) > 0 and (
             step % int(cfg.train.eval_every) == 0 or step == steps
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import imageio.v2 as imageio
@@ -13,7 +14,7 @@ from robomosaic.data.normalizer import Normalizer
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.checkpoint import load_policy
 from robomosaic.policies.denoising_policy import DenoisingPolicy
-from robomosaic.policies.evaluate import EvaluationError, evaluate, main, task_spec
+from robomosaic.policies.evaluate import EvaluationError, evaluate, main, summarize, task_spec
 from robomosaic.policies.rollout import ExecutorPolicy
 from robomosaic.sim.experts import make_expert
 from robomosaic.sim.measure_experts import wilson_interval
@@ -146,13 +147,14 @@ def test_image_policy_gets_its_camera(tmp_path):
 
 
 class ExpertChunks:
-    """The lift expert as a chunk predictor: its action at the newest observation, repeated."""
+    """A task's scripted expert as a chunk predictor: its action at the newest observation, repeated."""
 
     horizon, n_obs_steps, n_action_steps = 4, 2, 2
 
-    def __init__(self) -> None:
-        self.obs_spec = lift_state_obs()
-        self.expert = make_expert("lift")
+    def __init__(self, task: str) -> None:
+        spec = task_spec(task, (), 84)
+        self.obs_spec = {k: spec.obs[k] for k in spec.state_keys}
+        self.expert = make_expert(task)
 
     def predict_chunk(self, history, committed=None, generator=None):
         action = self.expert({k: v[-1] for k, v in history.items()})
@@ -165,12 +167,21 @@ class ExpertExecutor(ExecutorPolicy):
         self.policy.expert.reset(obs, np.random.default_rng([seed, 1]))
 
 
-def test_scripted_chunks_through_the_executor_complete_lift():
-    """The executor path can finish the task: two actions per chunk, open loop in between."""
-    runner = ExpertExecutor(ExpertChunks(), task_spec("lift", (), 84))
-    results = run_episodes("lift", [SEED, SEED + 1], runner, progress=False)
+@pytest.mark.parametrize("task", ["lift", "pick_one"])
+def test_scripted_chunks_through_the_executor_complete_the_task(task):
+    """The executor path can finish a task: two actions per chunk, open loop in between."""
+    runner = ExpertExecutor(ExpertChunks(task), task_spec(task, (), 84))
+    results = run_episodes(task, [SEED, SEED + 1], runner, progress=False)
     assert all(r.success for r in results), [(r.seed, r.length) for r in results]
     for r in results:
         stats = runner.episode_stats[r.seed]
         assert stats.executor.chunks == (r.length + 1) // 2
         assert stats.executor.held == {} and stats.executor.dropped_actions == 0
+    summary = summarize(results, runner)
+    assert summary["success_rate"] == 1.0 and summary["executor"]["chunks"] == sum(
+        (r.length + 1) // 2 for r in results
+    )
+    # pick_one names the cube it lifted: each success is counted under its colour.
+    expected = {} if task == "lift" else collections.Counter(r.behaviour for r in results)
+    assert summary["behaviours"] == expected
+    assert task == "lift" or set(expected) <= {"red", "green", "blue"}

@@ -321,6 +321,8 @@ def run_episodes(
     from tqdm import tqdm
 
     seeds = [int(s) for s in seeds]
+    if not seeds:
+        return []
     n_envs = max(1, min(n_envs, len(seeds)))
     results: dict[int, EpisodeResult] = {}
     queue = list(enumerate(seeds))

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import count
+from itertools import count, islice
 from pathlib import Path
 from typing import Any
 
@@ -120,57 +120,23 @@ def _scripted_episodes(
 ) -> Iterator[Episode]:
     """Run the task's expert in `cfg.workers` processes, yielding each episode as it ends.
 
-    A new episode starts while fewer than `wanted_more()` are running and `budget` attempts are
-    left. This is `run_episodes`' schedule, streamed: that function returns all episodes at the end,
-    and collection must store each one as soon as it finishes.
+    A new episode starts while fewer than `wanted_more()` are running and `budget` attempts are left.
     """
-    from robomosaic.sim.vector import ExpertPolicy, VectorTask
+    from robomosaic.sim.vector import ExpertPolicy, VectorTask, iter_episodes
 
     policy = ExpertPolicy(cfg.task.name)
     n_envs = max(1, min(int(cfg.workers), budget, wanted_more()))
     with VectorTask(cfg.task.name, n_envs, **_task_kwargs(cfg)) as vec:
-        running: dict[int, tuple[int, dict[str, list[np.ndarray]]]] = {}  # env -> (seed, steps)
-        obs: dict[int, dict[str, np.ndarray]] = {}
-
-        def start(envs: list[int]) -> None:
-            nonlocal budget
-            envs = envs[: max(0, min(budget, wanted_more() - len(running)))]
-            if not envs:
-                return
-            batch = [next(seeds) for _ in envs]
-            budget -= len(batch)
-            for i, seed, first in zip(envs, batch, vec.reset(batch, envs), strict=True):
-                policy.reset(i, first, seed)
-                running[i], obs[i] = (seed, {}), first
-
-        start(list(range(n_envs)))
-        while running:
-            active = sorted(running)
-            actions = policy.act([obs[i] for i in active], active).astype(np.float32)
-            states = vec.get_states(active)
-            next_obs, rewards, terminated, truncated, infos = vec.step(actions, active)
-            ended = []
-            for k, i in enumerate(active):
-                seed, steps = running[i]
-                step = {**obs[i], "action": actions[k], "reward": np.float32(rewards[k]), "state": states[k]}
-                for key, value in step.items():
-                    steps.setdefault(key, []).append(value)
-                obs[i] = next_obs[k]
-                if terminated[k] or truncated[k]:
-                    del running[i]
-                    ended.append(i)
-                    data = {key: np.stack(v) for key, v in steps.items()}
-                    yield (
-                        data,
-                        {
-                            "seed": seed,
-                            "success": bool(infos[k]["success"]),
-                            "task": cfg.task.name,
-                            "behaviour": str(infos[k].get("behaviour", "")),
-                            "duration": len(data["action"]) / vec.spec.control_hz,
-                        },
-                    )
-            start(ended)
+        attempts = islice(seeds, budget)
+        for _, result in iter_episodes(vec, attempts, policy, record=True, more=lambda n: n < wanted_more()):
+            meta = {
+                "seed": result.seed,
+                "success": result.success,
+                "task": cfg.task.name,
+                "behaviour": result.behaviour,
+                "duration": result.length / vec.spec.control_hz,
+            }
+            yield result.trajectory, meta
 
 
 def _teleop_episodes(cfg: DictConfig, task: Any, device: Any, seeds: Iterator[int]) -> Iterator[Episode]:

@@ -22,7 +22,7 @@ import contextlib
 import multiprocessing as mp
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -300,6 +300,74 @@ class _Running:
     frames: list[np.ndarray] = field(default_factory=list)
 
 
+def iter_episodes(
+    vec: VectorTask,
+    seeds: Iterator[int],
+    policy: Policy,
+    record: bool = False,
+    video_camera: str | None = None,
+    video_size: int = 128,
+    more: Callable[[int], bool] | None = None,
+) -> Iterator[tuple[int, EpisodeResult]]:
+    """Run episodes on `vec`'s environments, yielding (index, result) as each one ends.
+
+    `index` counts the seeds drawn from `seeds`. An environment that is free starts the next seed
+    while `seeds` has one and `more(number of running episodes)` (if given) allows it: a recorder can
+    stop starting episodes once enough have succeeded. `record` keeps the trajectory; `video_camera`
+    keeps rendered frames (`video_size` pixels square) of that camera.
+    """
+    running: dict[int, tuple[int, _Running]] = {}  # env index -> (seed index, episode)
+    obs: dict[int, Obs] = {}
+    drawn = 0
+
+    def start(env_indices: list[int]) -> None:
+        nonlocal drawn
+        batch = []
+        for i in env_indices:
+            if more is not None and not more(len(running) + len(batch)):
+                break
+            seed = next(seeds, None)
+            if seed is None:
+                break
+            batch.append((i, drawn, int(seed)))
+            drawn += 1
+        if not batch:
+            return
+        indices = [i for i, _, _ in batch]
+        first = vec.reset([s for _, _, s in batch], indices)
+        for (i, index, seed), o in zip(batch, first, strict=True):
+            policy.reset(i, o, seed)
+            running[i] = (index, _Running(seed, time.perf_counter()))
+            obs[i] = o
+        if video_camera:
+            for i, frame in zip(indices, vec.render(video_camera, video_size, indices), strict=True):
+                running[i][1].frames.append(frame)
+
+    start(list(range(vec.n_envs)))
+    while running:
+        active = sorted(running)
+        actions = np.asarray(policy.act([obs[i] for i in active], active), dtype=np.float64)
+        states = vec.get_states(active) if record else [None] * len(active)
+        next_obs, rewards, terminated, truncated, infos = vec.step(actions, active)
+        frames = vec.render(video_camera, video_size, active) if video_camera else None
+        finished = []
+        for k, i in enumerate(active):
+            episode = running[i][1]
+            episode.length += 1
+            if record:
+                step = {**obs[i], "action": actions[k], "reward": rewards[k], "state": states[k]}
+                episode.steps.append(step)
+            if frames is not None:
+                episode.frames.append(frames[k])
+            obs[i] = next_obs[k]
+            if terminated[k] or truncated[k]:
+                index = running.pop(i)[0]
+                finished.append(i)
+                yield index, _finish(episode, infos[k], record)
+        if finished:
+            start(finished)
+
+
 def run_episodes(
     task_name: str,
     seeds: Iterable[int],
@@ -315,8 +383,7 @@ def run_episodes(
 ) -> list[EpisodeResult]:
     """Run one episode per seed on `n_envs` environments, each starting its next seed when done.
 
-    Results come back in the order of `seeds`. `record` keeps the trajectory; `video_camera` keeps
-    rendered frames (`video_size` pixels square) of that camera.
+    Results come back in the order of `seeds` (see `iter_episodes` for `record` and `video_camera`).
     """
     from tqdm import tqdm
 
@@ -325,56 +392,14 @@ def run_episodes(
         return []
     n_envs = max(1, min(n_envs, len(seeds)))
     results: dict[int, EpisodeResult] = {}
-    queue = list(enumerate(seeds))
     with (
         VectorTask(task_name, n_envs, cameras, image_size, max_steps) as vec,
         tqdm(total=len(seeds), desc=f"{task_name} episodes", disable=not progress) as bar,
     ):
-        running: dict[int, tuple[int, _Running]] = {}  # env index -> (position in seeds, episode)
-        obs: dict[int, Obs] = {}
-
-        def start(env_indices: list[int]) -> None:
-            batch = [queue.pop(0) for _ in env_indices]
-            first = vec.reset([s for _, s in batch], env_indices)
-            for i, (position, seed), o in zip(env_indices, batch, first, strict=True):
-                policy.reset(i, o, seed)
-                running[i] = (position, _Running(seed, time.perf_counter()))
-                obs[i] = o
-            if video_camera:
-                for i, frame in zip(
-                    env_indices, vec.render(video_camera, video_size, env_indices), strict=True
-                ):
-                    running[i][1].frames.append(frame)
-
-        start(list(range(n_envs)))
-        while running:
-            active = sorted(running)
-            actions = np.asarray(policy.act([obs[i] for i in active], active), dtype=np.float64)
-            states = vec.get_states(active) if record else [None] * len(active)
-            next_obs, rewards, terminated, truncated, infos = vec.step(actions, active)
-            frames = vec.render(video_camera, video_size, active) if video_camera else None
-            finished = []
-            for k, i in enumerate(active):
-                episode = running[i][1]
-                episode.length += 1
-                if record:
-                    episode.steps.append(
-                        {**obs[i], "action": actions[k], "reward": rewards[k], "state": states[k]}
-                    )
-                if frames is not None:
-                    episode.frames.append(frames[k])
-                obs[i] = next_obs[k]
-                if terminated[k] or truncated[k]:
-                    position = running.pop(i)[0]
-                    results[position] = _finish(episode, infos[k], record)
-                    finished.append(i)
-                    bar.update(1)
-            if finished:
-                done = list(results.values())
-                bar.set_postfix(success=f"{np.mean([r.success for r in done]):.2f}")
-                restart = finished[: len(queue)]
-                if restart:
-                    start(restart)
+        for index, result in iter_episodes(vec, iter(seeds), policy, record, video_camera, video_size):
+            results[index] = result
+            bar.update(1)
+            bar.set_postfix(success=f"{np.mean([r.success for r in results.values()]):.2f}")
     return [results[p] for p in range(len(seeds))]
 
 

@@ -105,6 +105,7 @@ class ExecutorStats:
     steps: int = 0
     held: dict[str, int] = field(default_factory=dict)
     rejected_obs: int = 0
+    rejected_chunks: int = 0
     chunks: int = 0
     dropped_actions: int = 0
     deadline_misses: int = 0
@@ -292,11 +293,14 @@ class ChunkExecutor:
                 self._late_flagged = True
             return
         actions, requested, latency = result
-        if actions.ndim != 2 or actions.shape[1] != self.action_dim or not np.all(np.isfinite(actions)):
+        if actions.ndim != 2 or actions.shape[1] != self.action_dim:
             raise ValueError(
-                f"policy returned a chunk of shape {actions.shape} (expected (horizon, {self.action_dim})) "
-                "or with non-finite values"
+                f"policy returned a chunk of shape {actions.shape}, expected (horizon, {self.action_dim})"
             )
+        if not np.all(np.isfinite(actions)):
+            # Never execute it; the current plan runs on, and the executor holds when it runs out.
+            self.stats.rejected_chunks += 1
+            return
         stamp = self._request_stamp
         t0 = stamp - (self.config.n_obs_steps - 1) * self.config.dt
         chunk = Chunk(t0=t0, actions=actions.astype(np.float64), requested=requested, latency=latency)

@@ -72,6 +72,7 @@ class EpisodeStats:
         return {
             "held": dict(sorted(s.held.items())),
             "rejected_obs": s.rejected_obs,
+            "rejected_chunks": s.rejected_chunks,
             "dropped_actions": s.dropped_actions,
             "deadline_misses": s.deadline_misses,
             "chunks": s.chunks,

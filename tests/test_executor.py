@@ -163,3 +163,19 @@ def test_threaded_inference_never_blocks_and_misses_are_held():
     assert worst < 0.05  # the control thread never waited for the 0.4 s inference
     assert "hold:no_chunk" in statuses  # the plan ran out while inference was late
     assert ex.stats.deadline_misses >= 1
+
+
+def test_non_finite_chunk_is_never_executed():
+    calls = iter(range(100))
+
+    def predict(history, committed):
+        k = next(calls)
+        return np.full((4, 1), np.nan if k >= 1 else 0.5)
+
+    cfg = ExecutorConfig(control_hz=HZ, n_obs_steps=1, n_action_steps=2)
+    ex = ChunkExecutor(DelayedInference(predict), cfg, action_dim=1)
+    out = run(ex, 8)
+    assert [s for _, _, s in out[:4]] == ["ok"] * 4  # the first chunk covers 4 steps
+    assert all(s == "hold:no_chunk" for _, _, s in out[4:])
+    assert all(np.isfinite(a).all() for _, a, _ in out)
+    assert ex.stats.rejected_chunks >= 2

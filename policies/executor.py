@@ -330,16 +330,26 @@ class ChunkExecutor:
         self.runner.submit(history, committed, now)
 
     def _committed(self, now: float) -> np.ndarray | None:
-        """Actions of the current plan on the next chunk's time grid (NaN where there are none)."""
+        """The current plan's actions that will execute before the next chunk can take over, on the
+        next chunk's time grid; NaN elsewhere (those the new chunk is free to choose).
+
+        The next chunk arrives after the inference latency, estimated as the largest of the last
+        few measured latencies; until then the current plan runs, so only the actions it executes
+        in that window are committed.
+        """
         if not self.chunks:
             return None
+        dt = self.config.dt
         current = self.chunks[-1]
         horizon = len(current.actions)
-        t0_next = float(self.last_stamp) - (self.config.n_obs_steps - 1) * self.config.dt
+        latency = max(self.stats.latencies[-5:], default=0.0)
+        t0_next = float(self.last_stamp) - (self.config.n_obs_steps - 1) * dt
+        takeover = now + latency  # first time the new chunk can act
         committed = np.full((horizon, self.action_dim), np.nan)
         for j in range(horizon):
-            i = current.index_at(t0_next + j * self.config.dt, self.config.dt)
-            if 0 <= i < horizon:
+            t = t0_next + j * dt
+            i = current.index_at(t, dt)
+            if t < takeover - 1e-9 and 0 <= i < horizon:
                 committed[j] = current.actions[i]
         return committed
 

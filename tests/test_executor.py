@@ -122,19 +122,18 @@ def test_non_finite_observation_is_rejected():
     assert np.all(np.isfinite(history)) and list(history) == [0.0, 0.0]
 
 
-def test_rtc_passes_committed_actions_on_the_new_time_grid():
-    horizon, n_obs = 8, 1
+def test_rtc_commits_only_what_executes_before_the_next_chunk_arrives():
+    horizon, n_obs = 8, 2
     predict = timeline_predictor(horizon, n_obs)
     cfg = ExecutorConfig(control_hz=HZ, n_obs_steps=n_obs, n_action_steps=3, blend="rtc")
-    ex = ChunkExecutor(DelayedInference(predict, delay=DT), cfg, action_dim=2)
+    ex = ChunkExecutor(DelayedInference(predict, delay=2 * DT), cfg, action_dim=2)
     run(ex, 10)
     assert predict.calls[0][1] is None  # nothing is committed before the first chunk
-    second_request_time = 3 * DT
+    # Second request at 3 dt; its grid starts one step back (n_obs_steps = 2), at 2 dt. The chunk
+    # arrives 2 dt later, at 5 dt, so the plan's actions for 2, 3 and 4 dt are committed.
     committed = predict.calls[1][1]
-    # The first chunk (from t=0) covers times 0..7 dt; on the new grid starting at 3 dt it gives j=0..4.
-    expected = second_request_time + np.arange(5) * DT
-    np.testing.assert_allclose(committed[:5, 0], expected)
-    assert np.all(np.isnan(committed[5:]))
+    np.testing.assert_allclose(committed[:3, 0], np.array([2, 3, 4]) * DT)
+    assert np.all(np.isnan(committed[3:]))
 
 
 def test_threaded_inference_never_blocks_and_misses_are_held():

@@ -213,6 +213,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--results", default="docs/results/chunking.md")
     args = parser.parse_args(argv)
 
+    if not Path(args.checkpoint, "spec.json").exists():
+        raise SystemExit(
+            f"bench/chunking.py needs a trained checkpoint at {args.checkpoint}; make one with\n"
+            "  robomosaic-collect task=lift episodes=100 out=demos/lift.zarr\n"
+            "  robomosaic-train dataset=demos/lift.zarr out=runs/lift_ddpm\n"
+            "or pass --checkpoint <dir>"
+        )
     torch.set_num_threads(1)
     policy = load_policy(args.checkpoint)
     spec = task_spec(args.task, (), 84)

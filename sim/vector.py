@@ -346,7 +346,8 @@ def iter_episodes(
     start(list(range(vec.n_envs)))
     while running:
         active = sorted(running)
-        actions = np.asarray(policy.act([obs[i] for i in active], active), dtype=np.float64)
+        # Actions are stored as float32 (the task's action spec): step with exactly what is recorded.
+        actions = np.asarray(policy.act([obs[i] for i in active], active), dtype=np.float32)
         states = vec.get_states(active) if record else [None] * len(active)
         next_obs, rewards, terminated, truncated, infos = vec.step(actions, active)
         frames = vec.render(video_camera, video_size, active) if video_camera else None

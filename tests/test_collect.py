@@ -122,7 +122,8 @@ def test_camera_images_are_recorded_live(tmp_path):
 
 def _start_collector(out: Path, workers: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(COLLECT), "task=lift", "episodes=20", f"out={out}", f"workers={workers}"],
+        # Far more episodes than run before the test interrupts it, however fast the machine is.
+        [str(COLLECT), "task=lift", "episodes=500", f"out={out}", f"workers={workers}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -153,7 +154,7 @@ def test_sigkill_mid_episode_keeps_earlier_episodes(tmp_path, lift_task):
         proc.wait()
     store = EpisodeStore.open(out, mode="a")
     n = store.n_episodes
-    assert 1 <= n < 20
+    assert 1 <= n < 500
     assert sorted(store.meta_array("seed")) == list(range(n))
     for i in range(n):
         _check_episode(store, i, lift_task)
@@ -180,7 +181,7 @@ def test_ctrl_c_stores_finished_episodes_and_says_so(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130
     stored = EpisodeStore.open(out).n_episodes
-    assert 1 <= stored < 20
+    assert 1 <= stored < 500
     assert f"collected {stored} episodes into {out}" in printed and "(interrupted)" in printed
 
 

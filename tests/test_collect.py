@@ -128,6 +128,9 @@ def _start_collector(out: Path, workers: int) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
         text=True,
         start_new_session=True,  # a process group of its own: signals reach its workers as from a terminal
+        # A foreground job in a terminal has Ctrl-C enabled; a test runner started in the background
+        # (as CI may be) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -41,6 +41,7 @@ from robomosaic.data.normalizer import Normalizer
 from robomosaic.data.sampler import SequenceDataset, SequenceSampler, make_dataloader, split_episodes
 from robomosaic.data.store import EpisodeStore
 from robomosaic.policies.denoising_policy import DenoisingPolicy
+from robomosaic.sim.tasks import PROPRIO_KEYS
 
 # Rollouts used to *select* checkpoints start at this seed; final evaluation (robomosaic-eval)
 # uses 1_000_000 and up and data collection small seeds from 0, so the three never overlap.
@@ -68,7 +69,7 @@ def observation_keys(cfg: DictConfig, store: EpisodeStore) -> list[str]:
     if cfg.obs_keys:
         keys = list(cfg.obs_keys)
     else:
-        keys = [k for k in ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")]
+        keys = [*PROPRIO_KEYS, "object"]  # what every task observes besides cameras
         keys += [f"{cam}_image" for cam in cfg.task.cameras]
     missing = [k for k in [*keys, "action"] if k not in store.spec.keys]
     if missing:

@@ -4,6 +4,7 @@ The core contract (docs/design.md): every generative policy exposes
 ``denoise(x, sigma, cond) -> x0_hat`` in the VE noise coordinate; samplers only call that.
 """
 
+from robomosaic.policies.checkpoint import CheckpointError, load_policy
 from robomosaic.policies.noise import (
     PROCESSES,
     DDPMProcess,
@@ -27,6 +28,7 @@ from robomosaic.policies.samplers import (
 __all__ = [
     "PROCESSES",
     "SAMPLERS",
+    "CheckpointError",
     "Composition",
     "DDPMProcess",
     "Denoiser",
@@ -38,6 +40,7 @@ __all__ = [
     "Inpainting",
     "NoiseProcess",
     "TrainingExample",
+    "load_policy",
     "make_process",
     "sample",
 ]

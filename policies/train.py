@@ -65,12 +65,14 @@ def policy_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def observation_keys(cfg: DictConfig, store: EpisodeStore) -> list[str]:
-    """`obs_keys` if given, else every non-image key a task observes plus the configured cameras."""
+    """`obs_keys` if given; else proprioception plus the configured cameras, or plus the object
+    state when no camera is configured (an image policy must find the object in its images)."""
     if cfg.obs_keys:
         keys = list(cfg.obs_keys)
+    elif cfg.task.cameras:
+        keys = [*PROPRIO_KEYS, *(f"{cam}_image" for cam in cfg.task.cameras)]
     else:
-        keys = [*PROPRIO_KEYS, "object"]  # what every task observes besides cameras
-        keys += [f"{cam}_image" for cam in cfg.task.cameras]
+        keys = [*PROPRIO_KEYS, "object"]
     missing = [k for k in [*keys, "action"] if k not in store.spec.keys]
     if missing:
         raise TrainingError(

@@ -47,6 +47,15 @@ def test_resnet18_trunk_has_torchvision_resnet18_size_and_output():
     assert n_params(ResNet18Trunk(1)) == n_params(trunk) - 64 * 7 * 7 * 2
 
 
+def test_narrow_trunk_scales_every_stage():
+    narrow = ResNet18Trunk(3, width=16)
+    assert narrow(torch.rand(2, 3, 76, 76)).shape == (2, 128, 3, 3)
+    # conv weights scale with width^2 (GroupNorm and the 3-channel stem less): about 1/16
+    assert 1 / 17 < n_params(narrow) / n_params(ResNet18Trunk(3)) < 1 / 15
+    with pytest.raises(ValueError, match="image_width must be a positive multiple of 16"):
+        ResNet18Trunk(3, width=24)
+
+
 def test_spatial_softmax_keypoints_lie_in_unit_square():
     keypoints = SpatialSoftmax(16, num_kp=8)(torch.randn(4, 16, 5, 7) * 10)
     assert keypoints.shape == (4, 8, 2)

@@ -277,3 +277,41 @@ def test_4096_vehicles_step_together():
     assert torch.isfinite(state).all()
     rate = steps * 4096 / elapsed
     print(f"\n4096 vehicles: {rate:.0f} vehicle-steps/s ({elapsed / steps * 1e3:.1f} ms per step)")
+
+
+def test_quadrotor_batch_resets_masked_environments_and_truncates():
+    p = sample_params(64, torch.Generator().manual_seed(8))
+    env = qd.QuadrotorBatch(p, torch.Generator().manual_seed(9), max_steps=5)
+    assert env.observe().shape == (64, qd.OBS_DIM) and env.observe(privileged=True).shape == (64, 26)
+    for _ in range(5):
+        obs, terminated, truncated = env.step(qd.hover_action(p))
+    assert truncated.all() and not terminated.any() and obs.shape == (64, qd.OBS_DIM)
+    torch.testing.assert_close(obs[:, -4:], qd.hover_action(p))  # the previous action is observed
+    before = env.state.clone()
+    mask = torch.arange(64) < 10
+    env.reset(mask)
+    assert (env.steps[:10] == 0).all() and (env.steps[10:] == 5).all()
+    assert torch.equal(env.state[10:], before[10:]) and not torch.equal(env.state[:10], before[:10])
+
+    # a target moves the observation: position error is relative to it
+    env.target_position = env.state[:, :3].clone()
+    assert env.observe()[:, :3].abs().max() == 0
+    env.target_position[3] += 3.0
+    assert env.terminated().nonzero().flatten().tolist() == [3]
+
+
+def test_raptor_reward_follows_the_paper():
+    p = preset("crazyflie", n=3)
+    state = qd.hover_state(p)
+    state[1, 0] = 0.5  # 0.5 m off target
+    action = qd.hover_action(p)
+    previous = action.clone()
+    previous[2, 0] += 0.3  # action changed by 0.3
+    reward = qd.raptor_reward(state, action, previous, torch.tensor([False, False, False]))
+    torch.testing.assert_close(reward, torch.tensor([1.5, 1.0, 1.2]))
+    yawed = state.clone()
+    yawed[:, qd.ORIENTATION] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # 180 degrees about z
+    yawed_reward = qd.raptor_reward(yawed, action, action, torch.tensor([False, False, False]))
+    torch.testing.assert_close(yawed_reward[0], torch.tensor(1.5 - 0.1 * math.pi))
+    crashed = qd.raptor_reward(state, action, action, torch.tensor([True, False, False]))
+    assert crashed[0] == -100

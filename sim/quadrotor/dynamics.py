@@ -250,3 +250,88 @@ def observe(
     if params is not None:
         parts.append(motor_state_to_action(state[:, MOTORS], params))
     return torch.cat(parts, dim=-1)
+
+
+def raptor_reward(
+    state: torch.Tensor,
+    action: torch.Tensor,
+    previous_action: torch.Tensor,
+    next_terminated: torch.Tensor,
+    target_position: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(N,) RAPTOR's per-step reward (rl-tools foundation_policy pre-training, "squared" reward with
+    position 1, orientation 0.1, d_action 1, constant 1.5, termination penalty -100):
+    ``1.5 - |p - p_target| - 0.1 * 2 acos(1 - |q_z|) - |a - a_prev|`` on the state before the step,
+    or -100 when the step ended in a terminal state. L2F's orientation term looks only at the
+    quaternion's z component, i.e. it penalises yaw; it is kept as is."""
+    position_error = state[:, POSITION] - (0 if target_position is None else target_position)
+    orientation_cost = 2 * torch.acos((1 - state[:, 6].abs()).clamp(-1, 1))
+    action_rate = (action.clamp(-1, 1) - previous_action).norm(dim=1)
+    reward = 1.5 - position_error.norm(dim=1) - 0.1 * orientation_cost - action_rate
+    return torch.where(next_terminated, torch.full_like(reward, -100.0), reward)
+
+
+class QuadrotorBatch:
+    """N quadrotor environments stepping together, each with its own vehicle.
+
+    ``reset(mask)`` redraws initial states (``sample_initial_state``) for the masked environments,
+    ``step(action)`` returns ``(obs, terminated, truncated)`` with the student observation; the
+    privileged one is ``observe(privileged=True)``. There is no automatic reset and no reward (the
+    teacher owns it; ``raptor_reward`` is the paper's). ``target_position`` / ``target_velocity``
+    (N, 3) are the reference the observations are relative to: set them every step to track a path.
+    ``previous_action`` starts at the hover action, matching motors that start at hover.
+    """
+
+    def __init__(
+        self,
+        params: QuadrotorParams,
+        generator: torch.Generator | None = None,
+        dt: float = DEFAULT_DT,
+        max_steps: int = 500,
+        initial_state: dict[str, float] | None = None,
+        termination: dict[str, float] | None = None,
+    ):
+        self.params = params
+        self.generator = generator
+        self.dt = dt
+        self.max_steps = max_steps
+        self.initial_state = dict(initial_state or {})
+        self.termination = dict(termination or {})
+        n, dtype, device = len(params), params.dtype, params.device
+        self.state = hover_state(params)
+        self.previous_action = hover_action(params)
+        self.target_position = torch.zeros(n, 3, dtype=dtype, device=device)
+        self.target_velocity = torch.zeros(n, 3, dtype=dtype, device=device)
+        self.steps = torch.zeros(n, dtype=torch.long, device=device)
+        self.reset()
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def reset(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Redraw the initial state of the environments where ``mask`` (N,) is true (all if None)."""
+        fresh = sample_initial_state(self.params, self.generator, **self.initial_state)
+        if mask is None:
+            mask = torch.ones(len(self), dtype=torch.bool, device=self.state.device)
+        self.state = torch.where(mask[:, None], fresh, self.state)
+        self.previous_action = torch.where(mask[:, None], hover_action(self.params), self.previous_action)
+        self.steps = torch.where(mask, torch.zeros_like(self.steps), self.steps)
+        return self.observe()
+
+    def observe(self, privileged: bool = False) -> torch.Tensor:
+        return observe(
+            self.state,
+            self.previous_action,
+            params=self.params if privileged else None,
+            target_position=self.target_position,
+            target_velocity=self.target_velocity,
+        )
+
+    def terminated(self) -> torch.Tensor:
+        return terminated(self.state, self.target_position, **self.termination)
+
+    def step(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.state = step(self.state, action, self.params, self.dt)
+        self.previous_action = action.to(self.state.dtype).clamp(-1, 1)
+        self.steps = self.steps + 1
+        return self.observe(), self.terminated(), self.steps >= self.max_steps

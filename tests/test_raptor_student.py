@@ -176,8 +176,12 @@ def test_onnx_matches_torch_over_a_trajectory(
         hiddens.append(hidden[0])
     assert_matches("onnx", np.array(actions), np.array(hiddens), trajectory)
     # the batch axis is dynamic
-    action, hidden = session.run(None, {"obs": trajectory["obs"][:3], "hidden": np.tile(initial, (3, 1))})
-    assert action.shape == (3, ACTION_DIM) and hidden.shape == (3, HIDDEN_DIM)
+    obs, start = trajectory["obs"][:3], trajectory["hiddens"][:3]
+    action, hidden = session.run(None, {"obs": obs, "hidden": start})
+    with torch.no_grad():
+        ref_action, ref_hidden = student.step(torch.from_numpy(obs), torch.from_numpy(start))
+    np.testing.assert_allclose(action, ref_action.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(hidden, ref_hidden.numpy(), atol=TOL, rtol=0)
 
 
 def test_numpy_matches_torch_over_a_trajectory(

@@ -1,8 +1,9 @@
 """`DenoisingPolicy`: observation encoder + denoiser network + noise process + normalizer.
 
-One class serves every generative policy of the core: the network (`unet` or `transformer`) and
-the noise process (`ddpm`, `flow`, `edm`) are picked by config, and whatever the combination it
-exposes the same `denoise(x, sigma, cond) -> x0_hat` contract to the samplers (docs/design.md).
+One class serves every generative policy of the core: the network (`unet`, `transformer` or
+`mode`, the mixture-of-experts transformer of MoDE) and the noise process (`ddpm`, `flow`, `edm`)
+are picked by config, and whatever the combination it exposes the same
+`denoise(x, sigma, cond) -> x0_hat` contract to the samplers (docs/design.md).
 
 Observations are encoded once per chunk (`encode`) and the embedding is reused at every denoising
 step. Actions are normalized per dimension to [-1, 1]; `predict_chunk` returns robot units.
@@ -34,7 +35,7 @@ from robomosaic.policies.checkpoint import (
     save_checkpoint,
 )
 from robomosaic.policies.encoders import ObservationEncoder
-from robomosaic.policies.networks import ConditionalUnet1D, TransformerDenoiser
+from robomosaic.policies.networks import ConditionalUnet1D, ModeDenoiser, TransformerDenoiser
 from robomosaic.policies.noise import make_process
 from robomosaic.policies.samplers import GuidedInpainting, Inpainting, sample
 
@@ -52,6 +53,19 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "network": "unet",
     "unet": {"down_dims": [64, 128, 256], "noise_embed_dim": 128, "kernel_size": 5, "n_groups": 8},
     "transformer": {"d_model": 128, "depth": 4, "n_heads": 4, "mlp_ratio": 4.0},
+    # MoDE (networks.mode): E SwiGLU experts, top-k routed on the noise level; expert caching at
+    # inference; the load-balancing loss is added to the training loss.
+    "mode": {
+        "d_model": 128,
+        "depth": 4,
+        "n_heads": 4,
+        "num_experts": 4,
+        "top_k": 2,
+        "expert_hidden": 256,
+        "router": "noise",
+        "load_balancing_weight": 0.01,
+        "cache": None,
+    },
     "encoder": {"state_feature_dim": 128, "state_hidden_dims": [256]},
     "process": {"name": "ddpm"},
     "sampler": "ddim",
@@ -127,8 +141,12 @@ class DenoisingPolicy(nn.Module):
                 noise_scale=noise_scale,
                 **cfg["transformer"],
             )
+        elif cfg["network"] == "mode":
+            self.network = ModeDenoiser(
+                self.action_dim, self.encoder.out_dim, self.horizon, noise_scale=noise_scale, **cfg["mode"]
+            )
         else:
-            raise ValueError(f"network must be 'unet' or 'transformer', got {cfg['network']!r}")
+            raise ValueError(f"network must be 'unet', 'transformer' or 'mode', got {cfg['network']!r}")
         self._denoise = self.process.denoiser(self.network)
 
     # -- the contract ---------------------------------------------------------------------------
@@ -157,7 +175,10 @@ class DenoisingPolicy(nn.Module):
         cond = self.encode(batch["obs"])
         example = self.process.training_example(actions, noise=noise, level=level, generator=generator)
         prediction = self.network(example.net_input, example.net_time, cond)
-        return self.process.loss(prediction, example)
+        loss = self.process.loss(prediction, example)
+        if isinstance(self.network, ModeDenoiser):
+            loss = loss + self.network.auxiliary_loss()
+        return loss
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -177,6 +198,8 @@ class DenoisingPolicy(nn.Module):
         """
         cond = self.encode(obs)
         batch = cond.shape[0]
+        if isinstance(self.network, ModeDenoiser):
+            self.network.check_weights()  # its expert cache must not outlive a weight update
         denoise, on_step = self.denoise, None
         if committed is not None:
             # Guidance pulls the free part of the chunk toward continuations of the committed

@@ -5,13 +5,18 @@ time, EDM c_noise); the networks only embed it (see `embedding`).
 """
 
 from robomosaic.policies.networks.embedding import NoiseEmbedding, SinusoidalEmbedding
-from robomosaic.policies.networks.transformer import FeedForward, TransformerDenoiser
+from robomosaic.policies.networks.mode import ModeDenoiser, MoEFeedForward, load_balancing_loss
+from robomosaic.policies.networks.transformer import ChunkTransformer, FeedForward, TransformerDenoiser
 from robomosaic.policies.networks.unet1d import ConditionalUnet1D
 
 __all__ = [
+    "ChunkTransformer",
     "ConditionalUnet1D",
     "FeedForward",
+    "MoEFeedForward",
+    "ModeDenoiser",
     "NoiseEmbedding",
     "SinusoidalEmbedding",
     "TransformerDenoiser",
+    "load_balancing_loss",
 ]

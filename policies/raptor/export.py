@@ -1,8 +1,9 @@
 """The RAPTOR student outside torch: an ONNX step graph, plain numpy inference and a C99 file.
 
-All three compute one control step `(obs, hidden) -> (action, hidden)` exactly as
-`RaptorStudent.step` does (Dense + ReLU, GRU with torch's gate order r, z, n, linear output
-clamped to [-1, 1]); an episode starts from the student's learned initial hidden state, not zeros.
+All three compute one control step `(obs, hidden) -> (action, hidden)` as `RaptorStudent.step`
+does (Dense + ReLU, GRU with torch's gate order r, z, n, linear output clamped to [-1, 1]), up to
+float32 rounding (tests/test_raptor_student.py holds each to 1e-5 over 500-step trajectories);
+an episode starts from the student's learned initial hidden state, not zeros.
 """
 
 from __future__ import annotations

@@ -113,13 +113,19 @@ class Normalizer:
         episodes: Sequence[int] | np.ndarray | None = None,
     ) -> Normalizer:
         """Fit `keys` of `store` (optionally only `episodes`). `mode` is one mode for every non-image
-        key or a {key: mode} mapping; image keys (uint8 HWC) get `image_mode` unless mapped."""
+        key or a {key: mode} mapping; image keys (uint8 HWC) get `image_mode` and integer keys
+        (categorical, such as a task id) `identity` unless mapped."""
         modes, stats = {}, {}
         for key in keys:
             if key not in store.spec.keys:
                 raise KeyError(f"{store.path}: no key {key!r} (keys: {sorted(store.spec.keys)})")
             is_image = store.spec.keys[key].is_image
-            default = image_mode if is_image else mode if isinstance(mode, str) else "minmax"
+            if is_image:
+                default = image_mode
+            elif np.issubdtype(np.dtype(store.spec.keys[key].dtype), np.integer):
+                default = "identity"
+            else:
+                default = mode if isinstance(mode, str) else "minmax"
             modes[key] = mode.get(key, default) if isinstance(mode, Mapping) else default
             if modes[key] in ("minmax", "meanstd"):
                 if is_image:

@@ -159,7 +159,7 @@ def check_state_dict(
 
 POLICY_CLASSES: dict[str, Callable[[Checkpoint], Any]] = {}
 # Modules whose import registers policy classes; imported on first `load_policy`.
-POLICY_MODULES = ("robomosaic.policies.denoising_policy",)
+POLICY_MODULES = ("robomosaic.policies.denoising_policy", "robomosaic.policies.raptor.student")
 
 
 def register_policy(name: str) -> Callable[[Callable[[Checkpoint], Any]], Callable[[Checkpoint], Any]]:

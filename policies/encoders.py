@@ -228,7 +228,9 @@ class ObservationEncoder(nn.Module):
     `obs_shapes` maps key -> per-step shape (or KeySpec). Keys in `image_keys` (default: KeySpecs
     with `is_image`) each get their own ImageEncoder applied to every history frame; the rest are
     state keys for one StateEncoder. Task conditioning, if configured, reads `batch[task_key]`
-    (B,) integer ids and/or `batch[text_key]` (B, text_dim). Features are concatenated in the order
+    (B,) integer ids and/or `batch[text_key]` (B, text_dim). A `task_key` among `obs_shapes` (a
+    multitask dataset's per-step task id) is read as a history (B, n_obs_steps) whose latest id
+    conditions, and needs `num_tasks`. Features are concatenated in the order
     [state, images in key order (frames in time order), task].
     """
 
@@ -258,11 +260,15 @@ class ObservationEncoder(nn.Module):
         unknown = [k for k in image_keys if k not in shapes]
         if unknown:
             raise ValueError(f"image_keys {unknown} are not in obs_shapes {list(shapes)}")
+        if task_key in shapes and num_tasks is None:
+            raise ValueError(f"observation {task_key!r} (a task id) needs encoder num_tasks")
         self.n_obs_steps = n_obs_steps
         self.shapes = shapes
         self.obs_keys = list(shapes)  # the batch keys read besides the task inputs
         self.task_key, self.text_key = task_key, text_key
-        state_dims = {k: int(torch.Size(s).numel()) for k, s in shapes.items() if k not in image_keys}
+        state_dims = {
+            k: int(torch.Size(s).numel()) for k, s in shapes.items() if k not in (*image_keys, task_key)
+        }
         self.state = (
             StateEncoder(state_dims, n_obs_steps, state_hidden_dims, state_feature_dim)
             if state_dims
@@ -304,5 +310,8 @@ class ObservationEncoder(nn.Module):
             b = frames.shape[0]
             features.append(encoder(frames.flatten(0, 1)).view(b, -1))
         if self.task is not None:
-            features.append(self.task(batch.get(self.task_key), batch.get(self.text_key)))
+            task_id = batch.get(self.task_key)
+            if self.task_key in self.shapes:  # an observed history: the latest id conditions
+                task_id = self._checked(batch, self.task_key)[:, -1].round()
+            features.append(self.task(task_id, batch.get(self.text_key)))
         return torch.cat(features, dim=-1)

@@ -17,6 +17,7 @@ scored on the initial states it was trained on.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import functools
 import json
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from robomosaic.data.multitask import TaskSet
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.checkpoint import CheckpointError, load_policy
 from robomosaic.policies.executor import Blend
@@ -113,10 +115,13 @@ def evaluate(
     allow_training_seeds: bool = False,
     torch_threads: int | None = 1,
     progress: bool = True,
+    task_set: TaskSet | None = None,
 ) -> dict[str, Any]:
     """Run `episodes` episodes (seeds seed_offset + i) through `ExecutorPolicy`; a json-ready summary.
 
-    A checkpoint path names its task in spec.json ("task"); a policy object needs `task=`.
+    A checkpoint path names its task in spec.json ("task"); a policy object needs `task=`. A
+    multitask policy (its checkpoint's "task_set", or `task_set=` for a policy object) sees the
+    task's observation adapted by its task set, and needs `task=` one of its tasks.
     `seed` seeds the policy's sampling noise (with each episode's seed). `torch_threads` is torch's
     thread count during the rollouts (restored afterwards; None leaves it): batch-1 inference beside
     simulator workers loses more to contention than it gains from threads (on a 2-core machine
@@ -133,6 +138,8 @@ def evaluate(
             "provenance": spec_json.get("provenance"),
         }
         task = task or spec_json.get("task")
+        if task_set is None and spec_json.get("task_set"):
+            task_set = TaskSet.from_dict(spec_json["task_set"])
         if task is None:
             raise EvaluationError(
                 f"{Path(policy_or_checkpoint) / 'spec.json'} names no task: pass task=<name>"
@@ -141,6 +148,8 @@ def evaluate(
         policy = policy_or_checkpoint
         if task is None:
             raise EvaluationError("evaluate: a policy object needs task=<name>")
+    if task_set is not None and task not in task_set.tasks:
+        raise EvaluationError(f"a multitask policy needs task= one of {list(task_set.tasks)}, got {task!r}")
     if task not in TASKS:
         raise EvaluationError(f"unknown task {task!r}; registered tasks: {sorted(TASKS)}")
     if episodes < 1 or workers < 1:
@@ -156,6 +165,10 @@ def evaluate(
 
     cameras, image_size = cameras_of(policy.obs_spec)
     spec = task_spec(task, cameras, image_size)
+    adapter = None
+    if task_set is not None:
+        spec = dataclasses.replace(spec, obs=task_set.adapt_spec(spec.obs))
+        adapter = functools.partial(task_set.adapt, task=task)
     check_spec(policy, spec)  # before any worker starts
     try:
         runner = ExecutorPolicy(
@@ -165,6 +178,7 @@ def evaluate(
             n_action_steps=n_action_steps,
             inference_delay=inference_delay,
             seed=seed,
+            obs_adapter=adapter,
         )
     except ValueError as e:  # blend, n_action_steps or inference_delay out of range
         raise EvaluationError(str(e)) from None
@@ -298,7 +312,17 @@ def default_name(checkpoint: Path) -> str:
     return "_".join(parts)
 
 
+def checkpoint_task_set(checkpoint: Path) -> TaskSet | None:
+    """The task set a multitask checkpoint was trained on (None for a single-task one)."""
+    try:
+        spec_json = json.loads((checkpoint / "spec.json").read_text())
+    except (OSError, ValueError):
+        return None  # load_checkpoint reports what is wrong with the folder
+    return TaskSet.from_dict(spec_json["task_set"]) if spec_json.get("task_set") else None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """robomosaic-eval; a multitask checkpoint without task= is evaluated on each of its tasks."""
     from robomosaic.conf import compose
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -308,33 +332,49 @@ def main(argv: Sequence[str] | None = None) -> None:
     video_dir = Path(cfg.video_dir) if cfg.video_dir else out.with_name(f"{out.stem}_videos")
     task = cfg.task.name if cfg.get("task") else None
     max_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.task.max_steps if task else None)
+    task_set = checkpoint_task_set(checkpoint) if task in (None, "multitask") else None
+    tasks = list(task_set.tasks) if task_set else [task]
+    results = {}
     try:
-        result = evaluate(
-            checkpoint,
-            task=task,
-            episodes=cfg.episodes,
-            seed_offset=cfg.seed_offset,
-            workers=cfg.workers,
-            blend=cfg.blend,
-            n_action_steps=cfg.n_action_steps,
-            inference_delay=cfg.inference_delay,
-            video_episodes=cfg.videos,
-            video_dir=video_dir,
-            video_size=cfg.video_size,
-            max_steps=max_steps,
-            seed=cfg.seed,
-            allow_training_seeds=cfg.allow_training_seeds,
-            torch_threads=cfg.torch_threads,
-            progress=cfg.progress,
-        )
+        for name in tasks:
+            results[name] = evaluate(
+                checkpoint,
+                task=name,
+                episodes=cfg.episodes,
+                seed_offset=cfg.seed_offset,
+                workers=cfg.workers,
+                blend=cfg.blend,
+                n_action_steps=cfg.n_action_steps,
+                inference_delay=cfg.inference_delay,
+                video_episodes=cfg.videos,
+                video_dir=video_dir,
+                video_size=cfg.video_size,
+                max_steps=max_steps,
+                seed=cfg.seed,
+                allow_training_seeds=cfg.allow_training_seeds,
+                torch_threads=cfg.torch_threads,
+                progress=cfg.progress,
+            )
+            print(summary_table(results[name]))
     except (CheckpointError, EvaluationError) as e:
         raise SystemExit(f"robomosaic-eval: {e}") from None
-    report = {"command": shlex.join(["robomosaic-eval", *argv]), **result}
+    command = shlex.join(["robomosaic-eval", *argv])
+    if task_set:
+        mean = float(np.mean([r["success_rate"] for r in results.values()]))
+        report = {
+            "command": command,
+            "task_set": task_set.to_dict(),
+            "mean_success_rate": mean,
+            "tasks": results,
+        }
+        print(f"mean success over {len(tasks)} tasks: {mean:.1%}")
+    else:
+        report = {"command": command, **results[tasks[0]]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(summary_table(result))
-    for video in result["videos"]:
-        print(f"wrote {video}")
+    for result in results.values():
+        for video in result["videos"]:
+            print(f"wrote {video}")
     print(f"wrote {out}")
 
 

@@ -18,7 +18,7 @@ order), which would make a result depend on which environments happened to repla
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -101,8 +101,12 @@ class ExecutorPolicy:
         seed: int = 0,
         ensemble_decay: float = 0.01,
         gripper_dims: tuple[int, ...] = OSC_GRIPPER_DIMS,
+        obs_adapter: Callable[[Obs], Obs] | None = None,
     ) -> None:
+        """`obs_adapter` maps a task's observation to what the policy was trained on (a multitask
+        policy's padded object state and task id: `robomosaic.data.multitask.TaskSet.adapt`)."""
         self.policy = policy
+        self.obs_adapter = obs_adapter
         self.obs_keys = list(policy.obs_spec)
         self.action_dim = int(np.prod(task.action.shape))
         n_action_steps = int(n_action_steps or policy.n_action_steps)
@@ -152,6 +156,8 @@ class ExecutorPolicy:
         for row, (o, i) in enumerate(zip(obs, env_indices, strict=True)):
             executor = self.executors[i]
             now = self.steps[i] / self.config.control_hz
+            if self.obs_adapter is not None:
+                o = self.obs_adapter(o)
             executor.observe({k: o[k] for k in self.obs_keys}, now)
             actions[row], _ = executor.act(now)
             self.steps[i] += 1

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
+from robomosaic.data.multitask import TASK_ID, TaskSet
 from robomosaic.data.normalizer import Normalizer
 from robomosaic.data.sampler import SequenceDataset, SequenceSampler, make_dataloader, split_episodes
 from robomosaic.data.store import EpisodeStore
@@ -55,13 +56,22 @@ class TrainingError(ValueError):
 # -- set-up --------------------------------------------------------------------------------------
 
 
-def policy_config(cfg: DictConfig) -> dict[str, Any]:
-    """The DenoisingPolicy config: the `policy` group plus the `flow` group's process/sampler."""
+def policy_config(cfg: DictConfig, task_set: TaskSet | None = None) -> dict[str, Any]:
+    """The DenoisingPolicy config: the `policy` group plus the `flow` group's process/sampler; a
+    multitask dataset's task set sizes the task-id embedding."""
     merged = {
         **OmegaConf.to_container(cfg.policy, resolve=True),
         **OmegaConf.to_container(cfg.flow, resolve=True),
     }
+    if task_set is not None:
+        merged["encoder"] = {**merged.get("encoder", {}), "num_tasks": len(task_set.tasks)}
     return merged
+
+
+def dataset_task_set(store: EpisodeStore) -> TaskSet | None:
+    """The task set of a multitask store written by robomosaic-merge (None for one task)."""
+    task_set = store.spec.extra.get("task_set")
+    return TaskSet.from_dict(task_set) if task_set else None
 
 
 def observation_keys(cfg: DictConfig, store: EpisodeStore) -> list[str]:
@@ -73,6 +83,8 @@ def observation_keys(cfg: DictConfig, store: EpisodeStore) -> list[str]:
         keys = [*PROPRIO_KEYS, *(f"{cam}_image" for cam in cfg.task.cameras)]
     else:
         keys = [*PROPRIO_KEYS, "object"]
+    if dataset_task_set(store) and TASK_ID not in keys:
+        keys.append(TASK_ID)
     missing = [k for k in [*keys, "action"] if k not in store.spec.keys]
     if missing:
         raise TrainingError(
@@ -253,7 +265,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         episodes=train_eps,
     )
     obs_spec = {k: store.spec.keys[k] for k in obs_keys}
-    policy = DenoisingPolicy(policy_config(cfg), obs_spec, store.spec.keys["action"], normalizer).to(device)
+    task_set = dataset_task_set(store)
+    config = policy_config(cfg, task_set)
+    policy = DenoisingPolicy(config, obs_spec, store.spec.keys["action"], normalizer).to(device)
     loader = make_loader(store, obs_keys, policy, train_eps, cfg)
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     opt_cfg = cfg.optimizer
@@ -271,9 +285,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ema = EMAModel(
         policy.parameters(), power=float(cfg.train.ema.power), decay=float(cfg.train.ema.max_decay)
     )
-    ema_policy = DenoisingPolicy(policy_config(cfg), obs_spec, store.spec.keys["action"], normalizer).to(
-        device
-    )
+    ema_policy = DenoisingPolicy(config, obs_spec, store.spec.keys["action"], normalizer).to(device)
 
     step = 0
     if cfg.resume and (out / "last" / "training_state.safetensors").exists():
@@ -292,13 +304,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "dataset": str(Path(cfg.dataset).resolve()),
         "dataset_episodes": int(store.n_episodes),
     }
+    if task_set is not None:
+        extra_spec["task_set"] = task_set.to_dict()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         writer = SummaryWriter(str(out / "tb"))
         metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115  (closed at the end of training)
         print(
-            f"robomosaic-train: {cfg.task.name} {policy_config(cfg)['network']}/{cfg.flow.process.name}, "
+            f"robomosaic-train: {cfg.task.name} {config['network']}/{cfg.flow.process.name}, "
             f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
             f"{store.n_episodes} episodes ({len(train_eps)} train / {len(val_eps)} val), "
             f"{len(loader.dataset)} windows, device {device}, {world} process(es)"
@@ -341,8 +355,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ema_policy.eval()
             if evaluate_now:
                 val_loss = validation_loss(ema_policy, store, obs_keys, val_eps, cfg, device)
-                result = rollout_success(ema_policy, cfg, extra_spec)
-                score = result["success_rate"]
+                score = rollout_success(ema_policy, cfg, task_set)
                 best = score if math.isnan(best) else max(best, score)
                 kept = topk.offer(ema_policy, step, score, {**extra_spec, "train_step": step})
                 writer.add_scalar("eval/success_rate", score, step)
@@ -399,20 +412,25 @@ def validation_loss(
     return float(np.mean(losses))
 
 
-def rollout_success(
-    policy: DenoisingPolicy, cfg: DictConfig, extra_spec: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Success of the EMA policy on the selection seeds, through the shared chunk executor."""
+def rollout_success(policy: DenoisingPolicy, cfg: DictConfig, task_set: TaskSet | None) -> float:
+    """Success of the EMA policy on the selection seeds through the shared chunk executor (a
+    multitask policy: the mean over its tasks, `train.eval_episodes` each)."""
     from robomosaic.policies.evaluate import evaluate
 
-    return evaluate(
-        policy,
-        task=cfg.task.name,
-        episodes=int(cfg.train.eval_episodes),
-        seed_offset=SELECTION_SEED_OFFSET,
-        workers=int(cfg.train.eval_workers),
-        progress=False,
-    )
+    tasks = task_set.tasks if task_set else (cfg.task.name,)
+    rates = [
+        evaluate(
+            policy,
+            task=task,
+            episodes=int(cfg.train.eval_episodes),
+            seed_offset=SELECTION_SEED_OFFSET,
+            workers=int(cfg.train.eval_workers),
+            progress=False,
+            task_set=task_set,
+        )["success_rate"]
+        for task in tasks
+    ]
+    return float(np.mean(rates))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -198,8 +199,6 @@ class DenoisingPolicy(nn.Module):
         """
         cond = self.encode(obs)
         batch = cond.shape[0]
-        if isinstance(self.network, ModeDenoiser):
-            self.network.check_weights()  # its expert cache must not outlive a weight update
         denoise, on_step = self.denoise, None
         if committed is not None:
             # Guidance pulls the free part of the chunk toward continuations of the committed
@@ -208,18 +207,21 @@ class DenoisingPolicy(nn.Module):
             known = self.normalizer.normalize(torch.nan_to_num(committed.float()), "action")
             denoise = GuidedInpainting(self.denoise, mask, known, max_weight=RTC_MAX_GUIDANCE)
             on_step = Inpainting(mask, known, generator=generator)
-        x = sample(
-            denoise,
-            (batch, self.horizon, self.action_dim),
-            cond,
-            steps or int(self.config["steps"]),
-            self.process,
-            sampler or self.config["sampler"],
-            on_step=on_step,
-            generator=generator,
-            noise=noise,
-            device=cond.device,
-        )
+        # MoDE checks its expert cache against the weights once per chunk, not at every step.
+        run = self.network.sampling() if isinstance(self.network, ModeDenoiser) else nullcontext()
+        with run:
+            x = sample(
+                denoise,
+                (batch, self.horizon, self.action_dim),
+                cond,
+                steps or int(self.config["steps"]),
+                self.process,
+                sampler or self.config["sampler"],
+                on_step=on_step,
+                generator=generator,
+                noise=noise,
+                device=cond.device,
+            )
         return self.normalizer.unnormalize(x, "action")
 
     def predict_chunk(

@@ -192,13 +192,13 @@ def test_cached_and_uncached_sampling_return_the_same_chunk():
     net = policy.network
     assert net.cache_enabled, "caching is on by default for the noise router"
     cached, uncached = sample_both(policy, obs)
-    assert net.cache_builds == STEPS
-    assert net.cached_noise_levels() == edm_network_noise(policy, STEPS)
+    assert net.cache.builds == STEPS
+    assert list(net.cache.entries) == edm_network_noise(policy, STEPS)
     assert (cached - uncached).abs().max() <= 1e-5
     assert (cached[0] - cached[1]).abs().max() > 1e-2, "chunks depend on the observation"
     # a second run reuses the cache: nothing rebuilt, same chunk
     again, _ = sample_both(policy, obs)
-    assert net.cache_builds == STEPS and torch.equal(again, cached)
+    assert net.cache.builds == STEPS and torch.equal(again, cached)
 
 
 def test_cache_follows_schedule_weights_and_dtype():
@@ -207,13 +207,13 @@ def test_cache_follows_schedule_weights_and_dtype():
     policy.eval()
     net, obs = policy.network, batch(2)["obs"]
     sample_both(policy, obs)
-    assert net.cache_builds == STEPS
+    assert net.cache.builds == STEPS
     # a new sigma schedule: its noise levels are built, and the chunk is still exact
     cached, uncached = sample_both(policy, obs, steps=5)
     new_levels = set(edm_network_noise(policy, 5)) - set(edm_network_noise(policy, STEPS))
     assert len(new_levels) == 3, "the Karras schedules share sigma_max and sigma_min"
-    assert net.cache_builds == STEPS + 3
-    assert set(edm_network_noise(policy, 5)) <= set(net.cached_noise_levels())
+    assert net.cache.builds == STEPS + 3
+    assert set(edm_network_noise(policy, 5)) <= set(list(net.cache.entries))
     assert (cached - uncached).abs().max() <= 1e-5
     # an optimizer step: the cache is dropped and rebuilt from the new weights
     policy.train()
@@ -222,24 +222,26 @@ def test_cache_follows_schedule_weights_and_dtype():
     optimizer.step()
     policy.eval()
     cached, uncached = sample_both(policy, obs)
-    assert net.cache_builds == STEPS + 3 + STEPS
+    assert net.cache.builds == STEPS + 3 + STEPS
     assert (cached - uncached).abs().max() <= 1e-5
     # a write through .data (as diffusers' EMAModel.copy_to does) bumps no version counter
     with torch.no_grad():
         for block in net.blocks:
             block.ffn.w_out.data.mul_(1.5)
     cached, uncached = sample_both(policy, obs)
-    assert net.cache_builds == 3 * STEPS + 3
+    assert net.cache.builds == 3 * STEPS + 3
     assert (cached - uncached).abs().max() <= 1e-5
     # a dtype change (network level: the policy's normalizer works in float32)
     x, cond, noise = torch.randn(2, HORIZON, 2), torch.randn(2, net.cond_dim), torch.full((2,), 0.25)
     with torch.no_grad():
         net(x, noise, cond)
-        builds = net.cache_builds
+        builds = net.cache.builds
         net.double()
         out = net(x.double(), noise, cond.double())
-        assert net.cache_builds == builds + 1
-        assert all(w.dtype == torch.float64 for entry in net._cache.values() for ws in entry for w in ws)
+        assert net.cache.builds == builds + 1
+        assert all(
+            w.dtype == torch.float64 for entry in net.cache.entries.values() for ws in entry for w in ws
+        )
         net.cache_enabled = False
         torch.testing.assert_close(out, net(x.double(), noise, cond.double()), atol=1e-12, rtol=0)
 
@@ -253,12 +255,12 @@ def test_cache_is_never_used_in_training_or_with_gradients():
     net(x, noise, cond).sum().backward()
     net.eval()
     net(x, noise, cond)  # eval, but gradients on (guidance needs them)
-    assert net.cache_builds == 0 and net.cached_noise_levels() == []
+    assert net.cache.builds == 0 and list(net.cache.entries) == []
     with torch.no_grad():
         net(x, torch.tensor([0.25, 0.5]), cond)  # two noise levels in one batch: routed live
-        assert net.cache_builds == 0
+        assert net.cache.builds == 0
         net(x, noise, cond)
-    assert net.cache_builds == 1
+    assert net.cache.builds == 1
 
 
 def test_token_router_and_dense_network_refuse_caching():
@@ -282,6 +284,9 @@ def test_dense_variant_is_one_swiglu_per_block_without_auxiliary_loss():
     dense(torch.randn(2, HORIZON, 2), torch.rand(2), torch.randn(2, 16)).sum().backward()
     assert dense.auxiliary_loss().item() == 0.0
     assert all(p.grad is not None for p in dense.parameters())
+    policy = small_policy(num_experts=1, top_k=1, expert_hidden=64).eval()
+    chunk = policy.sample_actions(batch(2)["obs"])
+    assert chunk.shape == (2, HORIZON, 2) and torch.isfinite(chunk).all()
 
 
 # --- the policy -----------------------------------------------------------------------------------

@@ -23,10 +23,10 @@ it sees a noise level and reuses it at every later call with the same level: a s
 schedule is fixed, so after the first chunk every step costs one dense MLP of the active size.
 Each entry is keyed by the exact noise input, so a new sigma schedule simply fills new entries
 (the oldest are evicted beyond `cache_size`). The whole cache is dropped when the routing or
-expert weights change: every forward compares their version counters, storage pointers and dtype
-(optimizer steps, `load_state_dict`, in-place updates under `no_grad`, `.to(dtype/device)`), and
-`check_weights()`, which DenoisingPolicy calls once per chunk, compares their total norm, which
-also catches writes through `param.data` that bump no counter (diffusers' `EMAModel.copy_to`).
+expert weights change (`ExpertCache.validate`: version counters, storage, dtype, and a probe of
+sampled values that also sees `param.data` writes such as diffusers' `EMAModel.copy_to`). A
+standalone forward validates every time; inside `sampling()`, which DenoisingPolicy wraps around
+every chunk, the weights are validated once at the start and each step only looks its level up.
 Training never reads the cache. `num_experts=1` is the dense SwiGLU transformer of the same
 architecture (no router, no cache).
 """
@@ -34,12 +34,13 @@ architecture (no router, no cache).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import get_total_norm
 
 from robomosaic.policies.networks.embedding import noise_per_sample
 from robomosaic.policies.networks.transformer import ChunkTransformer, SelfAttention
@@ -152,6 +153,58 @@ class ModeBlock(nn.Module):
         return x + (swiglu(h, *fused) if fused is not None else self.ffn(h, noise_emb))
 
 
+class ExpertCache:
+    """The fused experts of every layer per noise level (`entries`), valid for one state of the weights.
+
+    `validate(params)` drops every entry if the weights changed since they were built: version
+    counters (in-place writes: optimizer steps, `load_state_dict`, updates under `no_grad`), storage
+    pointers and dtypes (`.to()`, assigning loads), and a probe of about 64 values spread over each
+    tensor, compared exactly, which also sees writes through `param.data` that bump no counter
+    (diffusers' `EMAModel.copy_to`). `get(key, build)` returns an entry, building it on a miss; the
+    least recently used entries beyond `size` are evicted. `builds` counts the entries built.
+    """
+
+    PROBES_PER_TENSOR = 64
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[float, list[tuple[Tensor, Tensor]]] = OrderedDict()
+        self.builds = 0
+        self._stamp: tuple | None = None
+        self._probe_views: list[Tensor] = []
+        self._probe: Tensor | None = None
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._stamp = self._probe = None
+
+    def validate(self, params: list[Tensor]) -> None:
+        # Tensor._version counts in-place writes through autograd-visible tensors.
+        stamp = tuple((p._version, p.data_ptr(), p.dtype) for p in params)
+        if stamp == self._stamp and torch.equal(torch.cat(self._probe_views), self._probe):
+            return
+        self.clear()
+        self._stamp = stamp
+        # Strided views into the parameters' storage (which the stamp pins): they read current values.
+        self._probe_views = [
+            p.detach().view(-1)[:: max(1, p.numel() // self.PROBES_PER_TENSOR)] for p in params
+        ]
+        self._probe = torch.cat(self._probe_views)
+
+    def get(
+        self, key: float, build: Callable[[], list[tuple[Tensor, Tensor]]]
+    ) -> list[tuple[Tensor, Tensor]]:
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = build()
+            self.builds += 1
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        return entry
+
+
 class ModeDenoiser(ChunkTransformer):
     """forward(x (B, H, A), noise (B,), cond (B, cond_dim) or (B, n_cond, cond_dim)) -> (B, H, A).
 
@@ -193,18 +246,16 @@ class ModeDenoiser(ChunkTransformer):
         self.blocks = nn.ModuleList(ModeBlock(d_model, n_heads, ffn(), dropout) for _ in range(depth))
         self.final_norm = nn.RMSNorm(d_model, eps=1e-6)
         self.action_out = nn.Linear(d_model, action_dim)
-        self.router, self.load_balancing_weight, self.cache_size = router, load_balancing_weight, cache_size
+        self.router, self.load_balancing_weight = router, load_balancing_weight
         self._init_weights()
-        self._cache: OrderedDict[float, list[tuple[Tensor, Tensor]]] = OrderedDict()
-        self._cache_stamp: tuple | None = None
-        self._cache_checksum: float | None = None
+        self.cache = ExpertCache(cache_size)
         self._routing_modules = [
             module
             for root in (self.noise_embedding, *(block.ffn for block in self.blocks))
             for module in root.modules()
             if module._parameters
         ]
-        self.cache_builds = 0  # noise levels fused so far (the cache's work, for tests and benchmarks)
+        self._in_sampling = False
         self._cache_enabled = False
         self.cache_enabled = self.is_sparse and router == "noise" if cache is None else cache
 
@@ -237,10 +288,6 @@ class ModeDenoiser(ChunkTransformer):
             )
         self._cache_enabled = bool(enabled)
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-        self._cache_stamp = self._cache_checksum = None
-
     def auxiliary_loss(self) -> Tensor:
         """load_balancing_weight * the mean load-balancing loss of the MoE layers in the last
         training forward (0 for a dense network); each value is used once and then forgotten."""
@@ -257,20 +304,19 @@ class ModeDenoiser(ChunkTransformer):
         # Read from the leaf modules' own parameter dicts: `parameters()` walks the module tree at a
         # cost comparable to a whole cached step at batch 1, and parameters may be replaced
         # (`load_state_dict(assign=True)`), so a list kept from __init__ could go stale.
-        return [p for module in self._routing_modules for p in module._parameters.values()]
+        return [p for module in self._routing_modules for p in module._parameters.values() if p is not None]
 
-    def _weights_stamp(self) -> tuple:
-        # Tensor._version counts in-place writes (optimizer steps, load_state_dict, no_grad updates);
-        # data_ptr and dtype change when `.to()` or an assigning load swaps the storage.
-        return tuple((p._version, p.data_ptr(), p.dtype) for p in self._routing_params())
-
-    def check_weights(self) -> None:
-        """Drop the cache if the routing or expert weights changed where no version counter sees it
-        (writes through `param.data`, as diffusers' `EMAModel.copy_to` does): compares their total
-        norm with the one the cache was built from. One pass over those weights; DenoisingPolicy
-        calls it once per sampled chunk."""
-        if self._cache and float(get_total_norm(self._routing_params())) != self._cache_checksum:
-            self.clear_cache()
+    @contextmanager
+    def sampling(self) -> Iterator[None]:
+        """A sampling run (DenoisingPolicy wraps every chunk in one): the weights are validated
+        against the cache once here instead of at every denoising step."""
+        if self._cache_enabled:
+            self.cache.validate(self._routing_params())
+        outer, self._in_sampling = self._in_sampling, True
+        try:
+            yield
+        finally:
+            self._in_sampling = outer
 
     def _cached_experts(self, noise: Tensor) -> list[tuple[Tensor, Tensor]] | None:
         """The fused experts of every layer for this call's noise level, or None to route live."""
@@ -278,37 +324,26 @@ class ModeDenoiser(ChunkTransformer):
             return None
         if not bool((noise == noise[0]).all()):
             return None
-        stamp = self._weights_stamp()
-        if stamp != self._cache_stamp:
-            self._cache.clear()
-            self._cache_stamp = stamp
-            self._cache_checksum = float(get_total_norm(self._routing_params()))
-        key = float(noise[0])
-        entry = self._cache.get(key)
-        if entry is None:
-            noise_emb = self.embed_noise(noise[:1])
-            entry = []
-            for block in self.blocks:
-                _, top_i, top_w = block.ffn.route(noise_emb)
-                entry.append(block.ffn.fuse(top_i[0], top_w[0]))
-            self._cache[key] = entry
-            self.cache_builds += 1
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        return entry
+        if not self._in_sampling:
+            self.cache.validate(self._routing_params())
+        return self.cache.get(float(noise[0]), lambda: self._fuse_experts(noise[:1]))
 
-    def cached_noise_levels(self) -> list[float]:
-        return list(self._cache)
+    def _fuse_experts(self, noise: Tensor) -> list[tuple[Tensor, Tensor]]:
+        noise_emb = self.embed_noise(noise)
+        fused = []
+        for block in self.blocks:
+            _, top_i, top_w = block.ffn.route(noise_emb)
+            fused.append(block.ffn.fuse(top_i[0], top_w[0]))
+        return fused
 
     def forward(self, x: Tensor, noise: Tensor | float, cond: Tensor) -> Tensor:
+        noise = noise_per_sample(noise, x.shape[0], x.device)
         noise_emb, cond_tokens, action_tokens = self.embed(x, noise, cond)
         n_cond = cond_tokens.shape[1]
         tokens = torch.cat(
             [noise_emb[:, None], cond_tokens + self.cond_pos[:, :n_cond], action_tokens], dim=1
         )
-        fused = self._cached_experts(noise_per_sample(noise, x.shape[0], x.device))
+        fused = self._cached_experts(noise)
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, noise_emb, None if fused is None else fused[i])
         return self.action_out(self.final_norm(tokens[:, 1 + n_cond :]))

@@ -83,7 +83,7 @@ def train_overrides(cfg: DictConfig, store: Path, run: Path) -> list[str]:
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> None:
     from robomosaic.conf import compose
     from robomosaic.data.collect import collect
     from robomosaic.policies.evaluate import evaluate, summary_table
@@ -128,7 +128,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"  report          {report}\n"
         f"  videos          {', '.join(result['videos']) or '-'}"
     )
-    return {"collected": collected, "trained": trained, "result": result}
 
 
 if __name__ == "__main__":

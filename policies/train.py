@@ -433,10 +433,11 @@ def rollout_success(policy: DenoisingPolicy, cfg: DictConfig, task_set: TaskSet 
     return float(np.mean(rates))
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(argv: Sequence[str]) -> dict[str, Any]:
+    """robomosaic-train's work: compose the config from `argv`, train, return the summary."""
     from robomosaic.conf import compose
 
-    cfg = compose("train", sys.argv[1:] if argv is None else argv)
+    cfg = compose("train", argv)
     missing = [k for k in ("dataset", "out") if OmegaConf.is_missing(cfg, k)]
     if missing:
         raise SystemExit(f"robomosaic-train: set {' and '.join(f'{k}=...' for k in missing)}")
@@ -444,6 +445,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return train(cfg)
     except TrainingError as e:
         raise SystemExit(f"robomosaic-train: {e}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script (returns None: a returned value would become the exit status)."""
+    run(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

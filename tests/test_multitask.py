@@ -18,7 +18,7 @@ from robomosaic.data.store import EpisodeStore
 from robomosaic.policies.checkpoint import load_policy
 from robomosaic.policies.encoders import ObservationEncoder
 from robomosaic.policies.evaluate import main as evaluate_main
-from robomosaic.policies.train import main as train
+from robomosaic.policies.train import run as train
 from tests.test_train import TINY
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from robomosaic.data.normalizer import Normalizer
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.checkpoint import load_policy
 from robomosaic.policies.denoising_policy import DenoisingPolicy
-from robomosaic.policies.train import main as train
+from robomosaic.policies.train import run as train
 
 TINY = [
     "policy.unet.down_dims=[16,32]",
@@ -65,6 +68,14 @@ def test_train_selects_resumes_and_loads(lift_store, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r][-2:] == [25, 30]
     assert json.loads((out / "last" / "spec.json").read_text())["train_step"] == 30
+
+
+def test_console_script_exits_zero_after_training(lift_store, tmp_path):
+    script = Path(sys.executable).with_name("robomosaic-train")
+    args = [f"dataset={lift_store}", f"out={tmp_path / 'run'}", *TINY, "train.steps=2", "train.eval_every=0"]
+    done = subprocess.run([script, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "best" / "spec.json").exists()
 
 
 def test_bad_dataset_is_rejected_before_training(lift_store, tmp_path):

@@ -401,7 +401,7 @@ def plot_figure_eight(result: EvalResult, controller: str, vehicles: list[int], 
     flights = result.flights[controller]
     fig, axes = plt.subplots(1, len(vehicles), figsize=(4 * len(vehicles), 3.2), squeeze=False)
     for ax, v in zip(axes[0], vehicles, strict=True):
-        reference = flights["torch"].figure_eight.targets[v]
+        reference = next(iter(flights.values())).figure_eight.targets[v]
         ax.plot(reference[:, 0], reference[:, 1], "k--", lw=1, label="reference")
         for simulator, flown in flights.items():
             xy = flown.figure_eight.states[v, :, :2]
@@ -419,7 +419,8 @@ def plot_figure_eight(result: EvalResult, controller: str, vehicles: list[int], 
 
 
 def plot_hover_recovery(result: EvalResult, vehicles: list[int], path: Path) -> Path:
-    """Distance to the target and altitude vs time from the first random start, every controller (torch)."""
+    """Distance to the target and altitude vs time from the first random start, every controller
+    (in torch when it was evaluated there)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,9 +428,10 @@ def plot_hover_recovery(result: EvalResult, vehicles: list[int], path: Path) -> 
 
     fig, axes = plt.subplots(2, len(vehicles), figsize=(4 * len(vehicles), 5), squeeze=False, sharex=True)
     for column, v in enumerate(vehicles):
-        for controller, flights in result.flights.items():
-            flown = flights["torch"].hover
-            episode = int(torch.nonzero(flights["torch"].hover_vehicle == v)[0])
+        for controller, by_simulator in result.flights.items():
+            flights = by_simulator.get("torch") or next(iter(by_simulator.values()))
+            flown = flights.hover
+            episode = int(torch.nonzero(flights.hover_vehicle == v)[0])
             time = np.arange(flown.states.shape[1]) * dynamics.DEFAULT_DT
             alive = np.r_[True, flown.mask[episode].numpy()]
             error = flown.position_error()[episode].numpy()

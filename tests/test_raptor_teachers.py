@@ -139,3 +139,15 @@ def test_lqr_prior_alone_recovers_from_random_starts():
         seed=3,
     )
     assert without["survival"].mean() < 0.5
+
+
+def test_zero_steps_saves_the_prior_only(tmp_path):
+    config = small_config(total_steps=0)
+    params = sample_params(2, torch.Generator().manual_seed(8))
+    ensemble = train_teachers(config, tmp_path, params=params, progress=False)
+    fresh = TeacherEnsemble(config, params)
+    assert torch.equal(ensemble.prior_gain, fresh.prior_gain)
+    assert torch.equal(ensemble.actor.layers[0].weight, fresh.actor.layers[0].weight)
+    loaded = TeacherEnsemble.load(tmp_path)
+    assert torch.equal(loaded.obs_mean, ensemble.obs_mean)
+    assert json.loads((tmp_path / "training_state.json").read_text())["step"] == 0

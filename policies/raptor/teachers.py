@@ -20,7 +20,10 @@ states, all read from the privileged observation), ``offset`` the feedforward th
 against its constant disturbance force, and the MLP a residual that PPO trains with the paper's
 reward (residual RL, as in COMPASS). The teacher is still a function of the 26-d observation and its
 index only, which is all the distillation needs. The prior alone already survives RAPTOR's
-90-degree starts; PPO optimises the paper's reward for the exploring (noisy) policy.
+90-degree starts; PPO optimises the paper's reward for the exploring (noisy) policy. Measured here
+(32 teachers, 1M steps each, 21 min): both keep 99.95% of 64 random starts per vehicle alive, but the
+deterministic hover RMSE is 0.021 m median for the prior (``total_steps=0``) and 0.097 m after PPO,
+so at this budget the residual does not yet pay off for hover.
 
 Design choices (all per teacher, never shared between teachers):
 - observation: the privileged 26-d observation (``dynamics.observe(..., params=...)``), normalised
@@ -182,7 +185,7 @@ def lqr_prior(
 class TeacherConfig:
     n_teachers: int = 32
     envs_per_teacher: int = 64
-    total_steps: int = 3_000_000  # environment steps per teacher
+    total_steps: int = 1_000_000  # environment steps per teacher (0: no RL, the prior only)
     hidden: int = 64
     layers: int = 2  # hidden layers in actor and critic
     seed: int = 0
@@ -232,7 +235,9 @@ class TeacherConfig:
         return cls(**values)
 
     def validate(self) -> None:
-        for name in ("n_teachers", "envs_per_teacher", "total_steps", "hidden", "layers", "rollout_steps"):
+        if self.total_steps < 0:
+            raise ValueError(f"TeacherConfig.total_steps must be >= 0, got {self.total_steps}")
+        for name in ("n_teachers", "envs_per_teacher", "hidden", "layers", "rollout_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TeacherConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.prior not in PRIORS:
@@ -780,6 +785,8 @@ def train_teachers(
         if state["iteration"] % config.checkpoint_every == 0 or state["iteration"] == n_iterations:
             _save_training_state(out, ensemble, optimizer, state, generator)
     bar.close()
+    if n_iterations == 0:  # total_steps 0: the prior alone (plus the untrained residual)
+        _save_training_state(out, ensemble, optimizer, state, generator)
     return ensemble
 
 

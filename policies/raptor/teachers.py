@@ -753,8 +753,9 @@ def train_teachers(
         if len(returns_done) >= k or state["iteration"] == n_iterations:
             survived = torch.cat(recent_survived).float()
             teacher = torch.cat(recent_teacher)
-            counts = torch.bincount(teacher, minlength=k).clamp(min=1)
-            per_teacher_survival = torch.bincount(teacher, weights=survived, minlength=k) / counts
+            counts = torch.bincount(teacher, minlength=k)
+            survivals = torch.bincount(teacher, weights=survived, minlength=k) / counts.clamp(min=1)
+            survivals = survivals[counts > 0]  # only teachers with finished episodes
             record = {
                 "iteration": state["iteration"],
                 "step": state["step"],
@@ -762,7 +763,7 @@ def train_teachers(
                 "episodes": len(returns_done),
                 "mean_return": returns_done.mean().item() if len(returns_done) else float("nan"),
                 "survival": survived.mean().item() if len(survived) else float("nan"),
-                "min_teacher_survival": per_teacher_survival.min().item(),
+                "min_teacher_survival": survivals.min().item() if len(survivals) else float("nan"),
                 "difficulty": envs.env.initial_state["max_angle"] / (math.pi / 2),
                 "policy_loss": policy_loss.mean().item(),
                 "value_loss": value_loss.mean().item(),

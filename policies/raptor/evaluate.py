@@ -405,7 +405,8 @@ def plot_figure_eight(result: EvalResult, controller: str, vehicles: list[int], 
         ax.plot(reference[:, 0], reference[:, 1], "k--", lw=1, label="reference")
         for simulator, flown in flights.items():
             xy = flown.figure_eight.states[v, :, :2]
-            ax.plot(xy[:, 0], xy[:, 1], lw=1.2, label=f"{controller}, {simulator}")
+            style = "-" if simulator == "torch" else ":"  # the two simulators often overlap exactly
+            ax.plot(xy[:, 0], xy[:, 1], style, lw=1.6, label=f"{controller}, {simulator}")
         ax.set_title(result.vehicle_names[v])
         ax.set_xlabel("x [m]")
         ax.set_ylabel("y [m]")

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from robomosaic.conf import load_group_option
 from robomosaic.data.normalizer import Normalizer
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.denoising_policy import DenoisingPolicy
@@ -71,17 +72,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 # Repeated runs on the loaded machine move these medians by a few percent either way.
 NOISE_NOTE = "differences of a few percent are run-to-run noise here: same FLOPs, same matmul shapes"
-FLOW = {
-    "process": {
-        "name": "edm",
-        "sigma_data": 0.5,
-        "sigma_min": 0.001,
-        "sigma_max": 80.0,
-        "distribution": "loglogistic",
-    },
-    "sampler": "ddim",
-    "steps": STEPS,
-}
+FLOW = {**load_group_option("flow", "edm"), "steps": STEPS}  # MoDE's: EDM + DDIM
 
 
 def build(mode: dict[str, Any]) -> DenoisingPolicy:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
@@ -23,3 +23,10 @@ def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
             return hydra_compose(config_name=config_name, overrides=list(overrides))
         except HydraException as e:
             raise SystemExit(f"robomosaic: bad arguments {' '.join(overrides)!r}: {e}") from None
+
+
+def load_group_option(group: str, option: str) -> dict:
+    """One option of a config group as a plain dict, e.g. ("flow", "edm") -> conf/flow/edm.yaml."""
+    from importlib.resources import files
+
+    return OmegaConf.to_container(OmegaConf.load(files(__name__) / group / f"{option}.yaml"), resolve=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from robomosaic.conf import load_group_option
 from robomosaic.data.normalizer import Normalizer
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.checkpoint import load_policy
@@ -57,15 +58,7 @@ def small_policy(**mode) -> DenoisingPolicy:
         "network": "mode",
         "mode": {"d_model": 32, "depth": 2, "n_heads": 2, "expert_hidden": 32, **mode},
         "encoder": {"state_feature_dim": 32, "state_hidden_dims": [64]},
-        # MoDE's flow (conf/flow/edm.yaml): EDM, log-logistic training sigmas, DDIM in 10 steps.
-        "process": {
-            "name": "edm",
-            "sigma_data": 0.5,
-            "sigma_min": 0.001,
-            "sigma_max": 80.0,
-            "distribution": "loglogistic",
-        },
-        "sampler": "ddim",
+        **load_group_option("flow", "edm"),  # MoDE's: EDM, log-logistic sigmas, DDIM in 10 steps
         "steps": STEPS,
     }
     torch.manual_seed(0)

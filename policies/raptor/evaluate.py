@@ -412,6 +412,12 @@ def plot_figure_eight(result: EvalResult, controller: str, vehicles: list[int], 
         ax.set_ylabel("y [m]")
         ax.set_aspect("equal", adjustable="datalim")
     axes[0][0].legend(fontsize=7)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -444,11 +450,7 @@ def plot_hover_recovery(result: EvalResult, vehicles: list[int], path: Path) -> 
         axes[1][column].set_ylabel("altitude [m]")
         axes[1][column].set_xlabel("time [s]")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_report(result: EvalResult, out_dir: str | Path, command: str = "", notes: str = "") -> Path:

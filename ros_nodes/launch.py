@@ -384,8 +384,7 @@ class Launcher:
             return
         child = scope.child()
         for arg in element.children:
-            self._check(arg, scope)
-            if arg.tag != "arg" or "value" not in arg.attrs:
+            if arg.tag != "arg" or set(arg.attrs) != {"name", "value"}:
                 raise LaunchError(
                     f"{self._where(arg, scope)}: <include> takes only <arg name value> children"
                 )

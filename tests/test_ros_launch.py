@@ -1,0 +1,236 @@
+"""robomosaic-launch: the package's launch files, the XML subset, errors, and real node processes.
+
+ROS_DOMAIN_ID 15 (see the ROS 2 test domains): the DDS test starts real nodes through a launch file
+and watches their topics from this process.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from robomosaic.ros_nodes.launch import Launcher, LaunchError, NodeSpec, load, run_nodes
+
+os.environ["ROS_DOMAIN_ID"] = "15"
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, "-m", "robomosaic.ros_nodes.launch"]
+CHECKPOINT = ROOT / "tests" / "assets" / "lift_flow"
+
+
+def launch(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*LAUNCH, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def commands(launcher: Launcher) -> dict[str, list[str]]:
+    return {node.label: node.command for node in launcher.nodes}
+
+
+def ros_args(command: list[str]) -> list[str]:
+    return command[command.index("--ros-args") + 1 :]
+
+
+# --------------------------------------------------------------------------------------------------
+# the package's launch files
+
+
+def test_sim_arm_policy_launch_file():
+    launcher = load("sim_arm_policy.launch.xml", {"checkpoint": str(CHECKPOINT), "task": "lift", "seed": "7"})
+    nodes = commands(launcher)
+    assert set(nodes) == {"sim", "policy"}
+    assert all(node.required for node in launcher.nodes)  # on_exit="shutdown": one dies, all stop
+    sim, policy = ros_args(nodes["sim"]), ros_args(nodes["policy"])
+    assert sim[:2] == ["-r", "__node:=sim"] and "task:=lift" in sim and "seed:=7" in sim
+    assert f"checkpoint:={CHECKPOINT}" in policy and "autostart:=true" in policy
+    params = Path(policy[policy.index("--params-file") + 1])
+    assert params == ROOT / "config" / "sim_arm_policy.yaml"  # the source checkout's, in an editable install
+    # parameter files before single parameters: rcl applies them in order, so the launch file's values win
+    assert policy.index("--params-file") < policy.index(f"checkpoint:={CHECKPOINT}")
+
+
+@pytest.mark.parametrize(
+    ("file", "arguments", "nodes"),
+    [
+        ("sim_arm_policy.launch.xml", [f"checkpoint:={CHECKPOINT}", "task:=stack"], ["sim", "policy"]),
+        (
+            "sim_arm_record.launch.xml",
+            ["store:=/tmp/x.zarr", "teleop_topic:=/joy_twist"],
+            ["sim", "recorder"],
+        ),
+        ("quadrotor_sim.launch.xml", ["rate:=200.0"], ["quadrotor_sim", "quadrotor_controller"]),
+        ("policy_robot.launch.xml", [f"checkpoint:={CHECKPOINT}", "namespace:=arm1"], ["policy"]),
+    ],
+)
+def test_every_launch_file_prints_its_commands(file, arguments, nodes):
+    """`--print` resolves every file (arguments, parameter files, executables) without running anything."""
+    out = launch(file, *arguments, "--print")
+    assert out.returncode == 0, out.stderr
+    labels = re.findall(r"^\[([\w-]+)\]", out.stdout, flags=re.M)
+    assert labels == nodes
+    for argument in arguments:  # every override reaches a node's command line
+        value = argument.split(":=")[1]
+        assert value in out.stdout, argument
+    shown = launch(file, "--show-args")
+    assert shown.returncode == 0 and "Arguments" in shown.stdout
+    for argument in arguments:
+        assert f"'{argument.split(':=')[0]}'" in shown.stdout
+
+
+def test_missing_required_argument_names_file_and_line():
+    out = launch("sim_arm_policy.launch.xml", "--print")
+    assert out.returncode != 0
+    assert re.search(
+        r"sim_arm_policy\.launch\.xml:\d+: <arg>: launch argument 'checkpoint' is required", out.stderr
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the XML subset, on launch files written here (exec robomosaic-launch: a robomosaic executable that
+# always exists)
+
+
+def test_include_group_params_and_substitutions(tmp_path, monkeypatch):
+    monkeypatch.setenv("H5_TEST_RATE", "42")
+    write(
+        tmp_path / "inner.launch.xml",
+        """
+        <launch>
+          <arg name="who" description="set by the including file"/>
+          <arg name="rate" default="$(env H5_TEST_RATE)"/>
+          <node pkg="robomosaic" exec="robomosaic-launch" name="$(var who)" namespace="inner" args="x --flag">
+            <param name="rate" value="$(var rate)"/>
+            <param name="observations">
+              <param name="eef"><param name="topic" value="/eef_pose"/></param>
+            </param>
+            <param from="$(dirname)/params.yaml"/>
+            <remap from="/cmd_vel" to="/teleop/cmd_vel"/>
+            <env name="H5_CHILD" value="$(var who)"/>
+          </node>
+        </launch>
+        """,
+    )
+    write(tmp_path / "params.yaml", "/**:\n  ros__parameters:\n    a: 1\n")
+    outer = write(
+        tmp_path / "outer.launch.xml",
+        """
+        <launch>
+          <arg name="use_second" default="false"/>
+          <let name="prefix" value="robot"/>
+          <group>
+            <push-ros-namespace namespace="$(var prefix)"/>
+            <include file="inner.launch.xml"><arg name="who" value="first"/></include>
+          </group>
+          <include file="$(dirname)/inner.launch.xml" if="$(var use_second)">
+            <arg name="who" value="second"/><arg name="rate" value="7"/>
+          </include>
+          <node pkg="robomosaic" exec="robomosaic-launch" unless="true"/>
+        </launch>
+        """,
+    )
+    launcher = Launcher({"use_second": "true"})
+    launcher.run_file(outer)
+    first, second = launcher.nodes
+    assert (first.label, second.label) == ("first", "second")
+    assert first.command[: first.command.index("--ros-args")][-2:] == ["x", "--flag"]
+    assert ros_args(first.command) == [
+        "-r", "__node:=first",
+        "-r", "__ns:=/robot/inner",  # the group's pushed namespace + the node's relative one
+        "--params-file", str(tmp_path / "params.yaml"),
+        "-p", "rate:=42",
+        "-p", "observations.eef.topic:=/eef_pose",
+        "-r", "/cmd_vel:=/teleop/cmd_vel",
+    ]  # fmt: skip
+    assert "-r" in ros_args(second.command) and "__ns:=/inner" in ros_args(second.command)
+    assert "rate:=7" in ros_args(second.command)
+    assert first.env == {"H5_CHILD": "first"}
+    launcher = Launcher({})
+    launcher.run_file(outer)
+    assert [n.label for n in launcher.nodes] == ["first"]
+
+
+NODE = '<node pkg="robomosaic" exec="robomosaic-launch"'
+BAD_FILES = [
+    (f'{NODE}/>\n<rosparam file="x"/>', r":3: <rosparam>: unsupported element"),
+    (f'{NODE} respawn="true"/>', r":2: <node>: unsupported attribute\(s\) respawn"),
+    ('<node pkg="robomosaic" exec="robomosaic-nope"/>', r":2: <node>: no executable 'robomosaic-nope'"),
+    (
+        '<node pkg="robomosaic" exec="$(var nothing)"/>',
+        r":2: <node>: undefined launch argument \$\(var nothing\)",
+    ),
+    ('<arg name="x"/>', r":2: <arg>: launch argument 'x' is required: pass x:=<value>"),
+    (
+        f'{NODE}><param from="missing.yaml"/></node>',
+        r":2: <param>: parameter file .*missing.yaml does not exist",
+    ),
+    ('<include file="nowhere.launch.xml"/>', r":2: <include>: included file .*nowhere.launch.xml does not"),
+    ('<node pkg="robomosaic" exec="$(eval 1+1)"/>', r":2: <node>: unsupported substitution \$\(eval\)"),
+    (f'{NODE} on_exit="restart"/>', r":2: <node>: on_exit='restart': only 'shutdown' is supported"),
+    (NODE, r":\d+: not well-formed XML"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_FILES)
+def test_errors_name_file_line_and_element(tmp_path, body, message):
+    path = write(tmp_path / "bad.launch.xml", "<launch>\n" + body + "\n</launch>\n")
+    with pytest.raises(LaunchError, match=re.escape(str(path)) + message):
+        Launcher({}).run_file(path)
+    out = launch(path, "--print")  # the command line reports it as an error, exit status 1
+    assert out.returncode == 1 and str(path) in out.stderr and "Traceback" not in out.stderr
+
+
+def test_launch_file_not_found_lists_the_available_ones():
+    out = launch("no_such.launch.xml")
+    assert out.returncode == 1 and "sim_arm_policy.launch.xml" in out.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# supervision of the child processes (plain Python children: what is tested is the supervisor)
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_required_node_exit_stops_the_others(capfd):
+    sleeper = python("import time\nprint('up', flush=True)\ntime.sleep(60)")
+    failing = python("import sys, time\ntime.sleep(0.5)\nsys.exit(3)")
+    start = time.monotonic()
+    status = run_nodes(
+        [NodeSpec("sleeper", sleeper, {}, False, "t"), NodeSpec("failing", failing, {}, True, "t")]
+    )
+    assert status == 3 and time.monotonic() - start < 10
+    out = capfd.readouterr().out
+    assert (
+        "[sleeper] up" in out and "failing has on_exit=shutdown" in out and "sending SIGINT to sleeper" in out
+    )
+
+
+def test_stubborn_child_is_escalated_to_sigkill(capfd):
+    """A child that ignores SIGINT and SIGTERM is killed after the two timeouts; the status says so."""
+    stubborn = python(
+        """
+        import signal, time
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print('ready', flush=True)
+        time.sleep(60)
+        """
+    )
+    quitter = python("import time\ntime.sleep(1.0)")
+    status = run_nodes(
+        [NodeSpec("stubborn", stubborn, {}, False, "t"), NodeSpec("quitter", quitter, {}, True, "t")],
+        sigterm_timeout=0.5,
+        sigkill_timeout=0.5,
+    )
+    out = capfd.readouterr().out
+    assert status == 1
+    assert "sending SIGTERM to stubborn" in out and "stubborn did not stop: SIGKILL" in out

@@ -152,6 +152,9 @@ def node_command(package: str, executable: str) -> list[str]:
         if importlib.util.find_spec(module) is not None:
             return [sys.executable, "-m", module]
         looked.append(f"module {module}")
+    if not looked:
+        ament = os.environ.get("AMENT_PREFIX_PATH", "(unset)")
+        raise LaunchError(f"package {package!r} not found (AMENT_PREFIX_PATH={ament}): source its setup.bash")
     raise LaunchError(
         f"no executable {executable!r} in package {package!r} (looked for {' and '.join(looked)})"
     )

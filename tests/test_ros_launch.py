@@ -1,29 +1,37 @@
 """robomosaic-launch: the package's launch files, the XML subset, errors, and real node processes.
 
 ROS_DOMAIN_ID 15 (see the ROS 2 test domains): the DDS test starts real nodes through a launch file
-and watches their topics from this process.
+and watches their topics from this process. The domain is passed explicitly (subprocess environment,
+rclpy context), not through this process's environment, which pytest shares between test modules.
 """
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from robomosaic.ros_nodes.launch import Launcher, LaunchError, NodeSpec, load, run_nodes
 
-os.environ["ROS_DOMAIN_ID"] = "15"
+DOMAIN = 15
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "robomosaic.ros_nodes.launch"]
 CHECKPOINT = ROOT / "tests" / "assets" / "lift_flow"
 
 
+ENV = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN)}
+
+
 def launch(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([*LAUNCH, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*LAUNCH, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def write(path: Path, text: str) -> Path:
@@ -66,7 +74,11 @@ def test_sim_arm_policy_launch_file():
             ["store:=/tmp/x.zarr", "teleop_topic:=/joy_twist"],
             ["sim", "recorder"],
         ),
-        ("quadrotor_sim.launch.xml", ["rate:=200.0"], ["quadrotor_sim", "quadrotor_controller"]),
+        (
+            "quadrotor_sim.launch.xml",
+            ["control_hz:=200.0", "vehicle:=x500"],
+            ["quadrotor_sim", "quadrotor_controller"],
+        ),
         ("policy_robot.launch.xml", [f"checkpoint:={CHECKPOINT}", "namespace:=arm1"], ["policy"]),
     ],
 )
@@ -234,3 +246,67 @@ def test_stubborn_child_is_escalated_to_sigkill(capfd):
     out = capfd.readouterr().out
     assert status == 1
     assert "sending SIGTERM to stubborn" in out and "stubborn did not stop: SIGKILL" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# real nodes over DDS
+
+
+@pytest.fixture
+def ros_node():
+    """An rclpy node of this test in its own context on DOMAIN."""
+    import rclpy
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=DOMAIN)
+    node = rclpy.create_node("launch_test_observer", context=context)
+    executor = rclpy.executors.SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    try:
+        yield node, executor
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def test_launched_nodes_talk_over_dds_and_sigint_stops_them(ros_node):
+    """quadrotor_sim.launch.xml through robomosaic-launch: the simulator's odometry reaches the
+    controller (its motor commands leave the failsafe zeros it sends without odometry), and SIGINT to
+    robomosaic-launch stops both node processes, with exit status 0."""
+    from nav_msgs.msg import Odometry
+    from std_msgs.msg import Float32MultiArray
+
+    from robomosaic.ros_nodes.common import command_qos, sensor_qos
+
+    node, executor = ros_node
+    odometry, commands = [], []
+    node.create_subscription(Odometry, "/odom", odometry.append, sensor_qos())
+    node.create_subscription(Float32MultiArray, "/motor_commands", commands.append, command_qos())
+    process = subprocess.Popen(
+        [*LAUNCH, "quadrotor_sim.launch.xml", "control_hz:=50.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        flying = lambda: any(np.isfinite(m.data).all() and max(m.data) > 0.05 for m in commands)  # noqa: E731
+        while time.monotonic() < deadline and not (odometry and flying()):
+            assert process.poll() is None, process.stdout.read()
+            executor.spin_once(timeout_sec=0.1)
+        assert odometry, "no /odom from the launched simulator"
+        assert flying(), f"the controller never answered the odometry ({len(commands)} commands)"
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    pids = [int(p) for p in re.findall(r"started \S+ \[pid (\d+)\]", output)]
+    assert len(pids) == 2 and "sending SIGINT to quadrotor_controller" in output
+    for pid in pids:  # reaped by robomosaic-launch: gone
+        assert not Path(f"/proc/{pid}").exists(), pid
+    assert "[quadrotor_sim]" in output and "[quadrotor_controller]" in output

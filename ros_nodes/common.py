@@ -1,0 +1,129 @@
+"""What every robomosaic ROS 2 node shares: the rclpy check, QoS profiles, spinning, time stamps.
+
+Importing this module never needs rclpy (the package `robomosaic.ros_nodes` must import without
+it); rclpy is imported inside the functions that need it.
+
+    SENSOR_QOS / sensor_qos()    best effort, keep last 1, volatile: the newest sensor sample only
+    COMMAND_QOS / command_qos()  reliable, keep last 10: commands are never silently dropped
+    spin_node(node)              spin until SIGINT/SIGTERM, then send the node's safe command
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from typing import Any
+
+RCLPY_MISSING = (
+    "robomosaic ROS nodes need rclpy: on a ROS 2 machine source /opt/ros/<distro>/setup.bash; "
+    "elsewhere pip install 'robomosaic[ros]'"
+)
+
+
+def require_rclpy() -> None:
+    """Raise an ImportError that says how to get rclpy when it cannot be imported."""
+    try:
+        import rclpy  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{RCLPY_MISSING} ({e})") from e
+
+
+def sensor_qos() -> Any:
+    """Best effort, keep last 1, volatile: a late sensor sample is worthless, the newest one counts."""
+    require_rclpy()
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST,
+        depth=1,
+        reliability=ReliabilityPolicy.BEST_EFFORT,
+        durability=DurabilityPolicy.VOLATILE,
+    )
+
+
+def command_qos() -> Any:
+    """Reliable, keep last 10, volatile: commands reach the controller or the publisher knows."""
+    require_rclpy()
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST,
+        depth=10,
+        reliability=ReliabilityPolicy.RELIABLE,
+        durability=DurabilityPolicy.VOLATILE,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # SENSOR_QOS and COMMAND_QOS are built on first access so that importing this module needs no rclpy.
+    if name == "SENSOR_QOS":
+        return sensor_qos()
+    if name == "COMMAND_QOS":
+        return command_qos()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def spin_node(node: Any, executor_threads: int = 2) -> None:
+    """Spin `node` on a MultiThreadedExecutor until SIGINT/SIGTERM or an rclpy shutdown, then stop it
+    safely: a lifecycle node takes its `shutdown` transition (its on_shutdown sends the safe
+    command), any other node's `on_shutdown()` is called if it has one, while the context is still
+    up so that the safe command is actually published; then the node is destroyed and rclpy shut
+    down.
+
+    rclpy's own signal handler would shut the context down first, after which nothing can be
+    published any more, so SIGINT and SIGTERM are taken over here.
+    """
+    require_rclpy()
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    executor = MultiThreadedExecutor(num_threads=executor_threads)
+    executor.add_node(node)
+    try:
+        # Short waits so the main thread returns to Python and runs the signal handler promptly.
+        while not stop.is_set() and rclpy.ok(context=node.context):
+            executor.spin_once(timeout_sec=0.05)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        try:
+            if rclpy.ok(context=node.context):
+                _stop_safely(node)
+        finally:
+            executor.shutdown(timeout_sec=1.0)
+            node.destroy_node()
+            rclpy.try_shutdown(context=node.context)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _stop_safely(node: Any) -> None:
+    if hasattr(node, "trigger_shutdown"):  # rclpy.lifecycle.LifecycleNode
+        # trigger_shutdown raises outside unconfigured/inactive/active (e.g. already finalized).
+        if node._state_machine.current_state[1] in ("unconfigured", "inactive", "active"):
+            node.trigger_shutdown()
+    elif callable(getattr(node, "on_shutdown", None)):
+        node.on_shutdown()
+
+
+def stamp_to_seconds(stamp: Any) -> float:
+    """A builtin_interfaces/Time (or anything with sec and nanosec) in seconds."""
+    return float(stamp.sec) + 1e-9 * float(stamp.nanosec)
+
+
+def seconds_to_stamp(t: float) -> Any:
+    """Seconds as a builtin_interfaces/Time (nanoseconds rounded, never 1e9)."""
+    require_rclpy()
+    from builtin_interfaces.msg import Time
+
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"a ROS time stamp must be finite and >= 0 seconds, got {t}")
+    ns = round(t * 1e9)
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)

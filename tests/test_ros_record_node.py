@@ -1,0 +1,276 @@
+"""robomosaic-record-node over real DDS: the recorder and the simulated robot (robomosaic-sim-node)
+run in their own processes, the test is the teleoperator (a Twist and a gripper publisher) calling
+the recorder's services.
+
+Episodes recorded while the Twist drives the end effector are read back with SequenceSampler:
+lengths match the control rate, keys and shapes match the parameters, the recorded action is the
+Twist mapped as the sim maps it, and the recorded end effector moved the commanded way. A recorder
+killed with SIGKILL mid-episode leaves every finished episode intact, and the store takes new episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+
+from geometry_msgs.msg import Twist  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from std_msgs.msg import Float64, String  # noqa: E402
+from std_srvs.srv import SetBool, Trigger  # noqa: E402
+
+from robomosaic.data.sampler import SequenceSampler  # noqa: E402
+from robomosaic.data.store import EpisodeStore  # noqa: E402
+
+DOMAIN_ID = 13  # this file's DDS domain (one per test file, so parallel tests never cross-talk)
+os.environ["ROS_DOMAIN_ID"] = str(DOMAIN_ID)
+HZ = 20.0
+FINGERS = ["gripper0_right_finger_joint1", "gripper0_right_finger_joint2"]
+OBS_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
+PARAMS = f"""\
+/**:
+  ros__parameters:
+    task: lift
+    control_hz: {HZ}
+    reset_service: /sim/reset
+    observations:
+      robot0_eef_pos: {{topic: /eef_pose, type: PoseStamped, field: position}}
+      robot0_eef_quat: {{topic: /eef_pose, type: PoseStamped, field: orientation}}
+      robot0_gripper_qpos: {{topic: /joint_states, type: JointState, names: {FINGERS}}}
+      object: {{topic: /object_state, type: Float64MultiArray, units: "m, quaternion xyzw", frame: world}}
+"""
+LATCHED = QoSProfile(
+    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+)
+
+
+def start_node(module: str, *ros_args: str) -> subprocess.Popen:
+    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN_ID), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", f"robomosaic.ros_nodes.{module}", "--ros-args", *ros_args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_node(process: subprocess.Popen) -> str:
+    """SIGINT, then SIGKILL after 5 s; the node's output (for failure messages)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    out, _ = process.communicate(timeout=5)
+    return out
+
+
+class Teleop:
+    """The operator: publishes a Twist at the control rate and the gripper, calls the recorder."""
+
+    def __init__(self) -> None:
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=DOMAIN_ID)
+        self.node = rclpy.create_node("teleop", context=self.context)
+        self.twist_pub = self.node.create_publisher(Twist, "/cmd_vel", 10)
+        self.gripper_pub = self.node.create_publisher(Float64, "/gripper_command", 10)
+        self.clients = {
+            name: self.node.create_client(kind, f"/recorder/{name}")
+            for name, kind in (("start", Trigger), ("stop", SetBool), ("discard", Trigger))
+        }
+        self.status: dict = {}
+        self.watch: list[subprocess.Popen] = []  # node processes whose death fails a call at once
+        self.node.create_subscription(String, "/recorder/status", self._on_status, LATCHED)
+        self.velocity = np.zeros(6)
+        self.node.create_timer(1.0 / HZ, self._publish_twist)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def _on_status(self, msg: String) -> None:
+        self.status = json.loads(msg.data)
+
+    def _publish_twist(self) -> None:
+        v = [float(x) for x in self.velocity]
+        msg = Twist()
+        msg.linear.x, msg.linear.y, msg.linear.z = v[:3]
+        msg.angular.x, msg.angular.y, msg.angular.z = v[3:]
+        self.twist_pub.publish(msg)
+
+    def gripper(self, value: float) -> None:
+        self.gripper_pub.publish(Float64(data=value))
+
+    def call(self, name: str, data: bool | None = None, timeout: float = 20.0):
+        client = self.clients[name]
+        end = time.monotonic() + timeout
+        while not client.wait_for_service(timeout_sec=0.2):
+            dead = [p for p in self.watch if p.poll() is not None]
+            assert not dead, f"a node exited:\n{dead[0].communicate()[0]}"
+            assert time.monotonic() < end, f"/recorder/{name} not available"
+        request = client.srv_type.Request()
+        if data is not None:
+            request.data = data
+        future = client.call_async(request)
+        while not future.done() and time.monotonic() < end:
+            time.sleep(0.01)
+        assert future.done(), f"/recorder/{name} did not answer within {timeout} s"
+        return future.result()
+
+    def wait_status(self, condition: Callable[[dict], bool], timeout: float = 30.0) -> None:
+        """Until the recorder's status satisfies `condition`."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.status and condition(self.status):
+                return
+            time.sleep(0.01)
+        raise AssertionError(
+            f"the recorder's status did not change as expected in {timeout} s: {self.status}"
+        )
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Teleop, Path, Path, list]]:
+    """The sim node, the recorder (its params file; the store is not created yet) and the teleop."""
+    tmp = tmp_path_factory.mktemp("record")
+    params = tmp / "record.yaml"
+    params.write_text(PARAMS)
+    store = tmp / "teleop.zarr"
+    sim = start_node("sim_node", "-r", "__node:=sim", "-p", "task:=lift", "-p", "seed:=0")
+    processes = [sim]
+    teleop = Teleop()
+    teleop.watch = processes
+    try:
+        processes.append(record_node(params, store))
+        yield teleop, params, store, processes
+    finally:
+        teleop.close()
+        for process in processes:
+            out = stop_node(process)
+            if process.returncode not in (0, -signal.SIGINT, -signal.SIGKILL):
+                print(out)
+
+
+def record_node(params: Path, store: Path) -> subprocess.Popen:
+    return start_node(
+        "record_node", "-r", "__node:=recorder", "--params-file", str(params), "-p", f"store:={store}"
+    )
+
+
+def record_episode(teleop: Teleop, velocity: list[float], gripper: float, seconds: float) -> float:
+    """Start (the sim resets), drive for `seconds` once recording; the wall time recorded."""
+    teleop.velocity = np.zeros(6)
+    end = time.monotonic() + 60.0  # robosuite takes a while to start on a loaded machine
+    answer = teleop.call("start", timeout=60.0)
+    while not answer.success and "no message" in answer.message and time.monotonic() < end:
+        time.sleep(0.2)  # the nodes are still starting
+        answer = teleop.call("start")
+    assert answer.success, answer.message
+    teleop.wait_status(lambda status: status["recording"])  # the sim has reset
+    started = time.monotonic()
+    teleop.gripper(gripper)
+    teleop.velocity = np.asarray(velocity, dtype=np.float64)
+    time.sleep(seconds)
+    return time.monotonic() - started
+
+
+def test_records_teleop_episodes_and_survives_sigkill(graph) -> None:
+    teleop, params, store_path, processes = graph
+    answer = teleop.call("stop", data=True)
+    assert not answer.success and "not recording" in answer.message
+
+    # Three episodes: +x with the gripper closing, +z opening, and one discarded.
+    plans = [([0.5, 0, 0, 0, 0, 0], 1.0, True), ([0, 0, 0.4, 0, 0, 0], -1.0, False)]
+    durations = []
+    for velocity, gripper, success in plans:
+        durations.append(record_episode(teleop, velocity, gripper, seconds=2.0))
+        answer = teleop.call("stop", data=success)
+        assert answer.success, answer.message
+        assert "saved episode" in answer.message
+    record_episode(teleop, [0, 0.5, 0, 0, 0, 0], 1.0, seconds=0.5)
+    answer = teleop.call("discard")
+    assert answer.success and "discarded" in answer.message, answer.message
+
+    store = EpisodeStore.open(store_path)
+    assert store.n_episodes == 2
+    assert set(store.spec.keys) == {*OBS_KEYS, "action"}
+    assert store.spec.control_hz == HZ and store.spec.task == "lift"
+    assert store.spec.keys["object"].frame == "world"
+    metas = [store.episode_meta(i) for i in range(2)]
+    assert [m["success"] for m in metas] == [True, False]
+    assert [m["seed"] for m in metas] == [1, 2]  # the sim's seeds after its start seed 0
+    assert all(m["task"] == "lift" and m["behaviour"] == "teleop" for m in metas)
+
+    sampler = SequenceSampler(store, obs_keys=OBS_KEYS, horizon=4, n_obs_steps=2)
+    lengths = np.diff(store.episode_ends, prepend=0)
+    assert len(sampler) == lengths.sum()
+    batch = sampler.sample_batch(np.arange(len(sampler)))
+    assert batch["action"].shape == (lengths.sum(), 4, 7)
+    assert batch["robot0_eef_pos"].shape == (lengths.sum(), 2, 3)
+    assert batch["object"].shape[:2] == (lengths.sum(), 2)
+
+    for i, ((velocity, gripper, _), recorded) in enumerate(zip(plans, durations, strict=True)):
+        ep = store.episode(i)
+        n = len(ep["action"])
+        print(f"episode {i}: {n} steps for {recorded:.2f} s of driving ({n / recorded:.1f} steps/s)")
+        # The control rate: the steps span the driving time (plus the wait for the first step).
+        assert 0.8 * recorded * HZ <= n <= (recorded + 1.0) * HZ + 2
+        # The recorded action is the Twist scaled as the sim scales it (1 m/s full scale), with the
+        # gripper, after the operator's first command reached the recorder.
+        expected = np.append(np.asarray(velocity) / 1.0, gripper).astype(np.float32)
+        driving = np.all(ep["action"] == expected, axis=1)
+        assert driving.mean() > 0.7, ep["action"][:5]
+        assert np.all(ep["action"][:, 1:6][driving] == expected[1:6])
+        # The robot went the commanded way (OSC does not track the delta exactly).
+        moved = ep["robot0_eef_pos"][-1] - ep["robot0_eef_pos"][0]
+        axis = int(np.argmax(np.abs(velocity[:3])))
+        assert moved[axis] > 0.05, moved
+        assert abs(moved[axis]) > 2 * np.abs(np.delete(moved, axis)).max(), moved
+        # Observations are time-aligned samples, not the same message over and over.
+        repeated = np.all(np.diff(ep["robot0_eef_pos"], axis=0) == 0, axis=1)
+        assert repeated[len(repeated) // 4 :].mean() < 0.2
+        assert np.allclose(np.linalg.norm(ep["robot0_eef_quat"], axis=1), 1.0, atol=1e-6)
+    closed = store.episode(0)["robot0_gripper_qpos"]
+    assert closed[-1, 0] < closed[0, 0]  # finger 1 closes toward 0 with gripper +1
+
+    before = {i: store.episode(i) for i in range(store.n_episodes)}
+    # SIGKILL mid-episode: every finished episode stays intact and readable.
+    recorder = processes[1]
+    record_episode(teleop, [0.3, 0, 0, 0, 0, 0], 0.0, seconds=1.0)
+    recorder.send_signal(signal.SIGKILL)
+    recorder.wait(timeout=5)
+    processes.remove(recorder)
+    store = EpisodeStore.open(store_path)
+    assert store.n_episodes == 2
+    for i, data in before.items():
+        for key, value in store.episode(i).items():
+            np.testing.assert_array_equal(value, data[key], err_msg=f"episode {i} key {key}")
+
+    # A new recorder appends to the same store after the crash.
+    teleop.status = {}
+    processes.append(record_node(params, store_path))
+    teleop.wait_status(lambda status: status.get("episodes") is None)  # the new recorder is up
+    record_episode(teleop, [0, 0, 0, 0, 0, 0], 0.0, seconds=0.5)
+    answer = teleop.call("stop", data=False)
+    assert answer.success, answer.message
+    store = EpisodeStore.open(store_path)
+    assert store.n_episodes == 3 and store.episode_meta(2)["seed"] == 5

@@ -161,15 +161,43 @@ class Episode:
         self.seed, self.started = seed, started
         self.steps: dict[str, list[np.ndarray]] = {}
         self.length = 0
-        self.skipped: dict[str, int] = {}  # why -> ticks
+        self.skipped = 0  # ticks skipped after the first step
+        self.problems: dict[str, int] = {}  # why -> ticks it made skip
+        self.waiting: list[str] = []  # why the first step is not written yet
+        self.ticks: list[float] = []  # monotonic times of the timer's ticks
 
     def add(self, step: Mapping[str, np.ndarray]) -> None:
         for k, v in step.items():
             self.steps.setdefault(k, []).append(v)
         self.length += 1
 
-    def skip(self, why: str) -> None:
-        self.skipped[why] = self.skipped.get(why, 0) + 1
+    def skip(self, problems: Sequence[str]) -> None:
+        """A tick without a step: before the first step that is waiting, later a gap."""
+        if not self.length:
+            self.waiting = list(problems)
+            return
+        self.skipped += 1
+        for why in problems:
+            self.problems[why] = self.problems.get(why, 0) + 1
+
+    def timing_text(self, period: float) -> str:
+        """How well the timer kept the control rate (a loaded machine delays it)."""
+        gaps = np.diff(self.ticks)
+        if not len(gaps):
+            return ""
+        late = int(np.sum(gaps > 1.5 * period))
+        return (
+            f"; timer period mean {1000 * gaps.mean():.1f} ms, max {1000 * gaps.max():.0f} ms, "
+            f"{late} of {len(gaps)} periods over 1.5x"
+        )
+
+    def skipped_text(self) -> str:
+        if not self.length:
+            return f" (waiting for: {'; '.join(self.waiting) or 'the first tick'})"
+        if not self.skipped:
+            return ""
+        counts = ", ".join(f"{why} ({n} ticks)" for why, n in self.problems.items())
+        return f" ({self.skipped} ticks skipped: {counts})"
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: np.stack(v) for k, v in self.steps.items()}
@@ -331,8 +359,8 @@ def _make_node_class():  # rclpy is imported only when a node is built
 
         def observe(
             self, since: float, now: float
-        ) -> tuple[dict[str, np.ndarray], dict[str, str], str | None]:
-            """The newest value of every key, the header frame of each, and why not (stale topics)."""
+        ) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
+            """The newest value of every key, the header frame of each, and why not (problems)."""
             stale = sorted(
                 {
                     rk.binding.topic
@@ -343,20 +371,22 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 }
             )
             if stale:
-                return {}, {}, f"no message within max_obs_age={self.max_obs_age:g} s on {' '.join(stale)}"
+                return {}, {}, [f"no message on {t} within max_obs_age={self.max_obs_age:g} s" for t in stale]
             values, frames = {}, {}
             for key, rk in self.keys.items():
                 msg = self.latest[rk.binding.topic][0]
                 try:
                     value = np.asarray(messages.message_to_array(msg, rk.binding))
                 except (ValueError, KeyError, IndexError) as e:
-                    return {}, {}, f"bad message on {rk.binding.topic} for {key}: {e}"
+                    return {}, {}, [f"bad message on {rk.binding.topic} for {key}: {e}"]
                 if value.dtype != np.uint8 and not np.all(np.isfinite(value)):
-                    return {}, {}, f"non-finite {key}"
+                    return {}, {}, [f"non-finite {key} on {rk.binding.topic}"]
                 values[key] = value
                 header = getattr(msg, "header", None)
                 frames[key] = header.frame_id if header is not None else ""
-            return values, frames, None
+            if error := self.spec and self._shape_error(values):
+                return {}, {}, [error]
+            return values, frames, []
 
         # -- services -----------------------------------------------------------------------------
         def _on_start(self, request, response):
@@ -376,16 +406,14 @@ def _make_node_class():  # rclpy is imported only when a node is built
             if self.episode is not None or self.pending_reset:
                 return False, "already recording: call ~/stop or ~/discard first"
             now = self.now()
-            values, frames, why = self.observe(-np.inf, now)
-            if why:
-                return False, f"cannot start: {why}"
+            values, frames, problems = self.observe(-np.inf, now)
+            if problems:
+                return False, f"cannot start: {'; '.join(problems)}"
             if self.store is None:
                 try:
                     self._open_store(values, frames)
                 except StoreError as e:
                     return False, f"cannot start: {e}"
-            elif why := self._shape_error(values):
-                return False, f"cannot start: {why}"
             if self.reset_client is None:
                 self.episode = Episode(seed=-1, started=now)
                 return True, f"recording episode {self.store.n_episodes}"
@@ -461,7 +489,7 @@ def _make_node_class():  # rclpy is imported only when a node is built
             episode, self.episode = self.episode, None
             if episode is None:
                 return False, "not recording: nothing to stop"
-            skipped = self._skipped_text(episode)
+            skipped = episode.skipped_text()
             if episode.length == 0:
                 return False, f"episode discarded: no step was recorded{skipped}"
             meta = {
@@ -481,7 +509,7 @@ def _make_node_class():  # rclpy is imported only when a node is built
             return True, (
                 f"saved episode {index} ({'success' if success else 'failure'}, seed {episode.seed}): "
                 f"{episode.length} steps, {episode.length / self.control_hz:.2f} s, appended in "
-                f"{time.perf_counter() - start:.3f} s{skipped}; "
+                f"{time.perf_counter() - start:.3f} s{skipped}{episode.timing_text(1.0 / self.control_hz)}; "
                 f"the store holds {self.store.n_episodes} episodes"
             )
 
@@ -491,18 +519,10 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 response.success, response.message = False, "not recording: nothing to discard"
             else:
                 response.success = True
-                response.message = (
-                    f"discarded an episode of {episode.length} steps{self._skipped_text(episode)}"
-                )
+                response.message = f"discarded an episode of {episode.length} steps{episode.skipped_text()}"
             self.get_logger().info(response.message)
             self._publish_status()
             return response
-
-        @staticmethod
-        def _skipped_text(episode: Episode) -> str:
-            if not episode.skipped:
-                return ""
-            return f" ({', '.join(f'{n} ticks skipped: {why}' for why, n in episode.skipped.items())})"
 
         def _shape_error(self, values: Mapping[str, np.ndarray]) -> str | None:
             for key, value in values.items():
@@ -515,13 +535,15 @@ def _make_node_class():  # rclpy is imported only when a node is built
             episode = self.episode
             if episode is None:
                 return
+            episode.ticks.append(time.monotonic())
             now = self.now()
-            values, _, why = self.observe(episode.started, now)
-            why = why or self._shape_error(values)
-            if why is not None:
-                episode.skip(why)
+            values, _, problems = self.observe(episode.started, now)
+            if problems:
                 if episode.length:  # before the first step, waiting for fresh messages is normal
-                    self.get_logger().warning(f"tick skipped: {why}", throttle_duration_sec=1.0)
+                    self.get_logger().warning(
+                        f"tick skipped: {'; '.join(problems)}", throttle_duration_sec=1.0
+                    )
+                episode.skip(problems)
                 return
             values[ACTION_KEY] = self.action(now)
             episode.add(values)
@@ -532,7 +554,7 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 "recording": episode is not None,
                 "episode_steps": episode.length if episode else 0,
                 "episodes": self.store.n_episodes if self.store else None,
-                "skipped": sum(episode.skipped.values()) if episode else 0,
+                "skipped": episode.skipped if episode else 0,
                 "last_saved": self.last_saved,
             }
             self.pub_status.publish(String(data=json.dumps(status)))

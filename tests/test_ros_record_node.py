@@ -5,13 +5,15 @@ the recorder's services.
 Episodes recorded while the Twist drives the end effector are read back with SequenceSampler:
 lengths match the control rate, keys and shapes match the parameters, the recorded action is the
 Twist mapped as the sim maps it, and the recorded end effector moved the commanded way. A recorder
-killed with SIGKILL mid-episode leaves every finished episode intact, and the store takes new episodes.
+killed with SIGKILL mid-episode leaves every finished episode intact, and the store takes new
+episodes, here recorded from robomosaic-teleop's keyboard in a pseudo terminal.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -61,11 +63,12 @@ LATCHED = QoSProfile(
 )
 
 
-def start_node(module: str, *ros_args: str) -> subprocess.Popen:
+def start_node(module: str, *ros_args: str, stdin: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN_ID), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", f"robomosaic.ros_nodes.{module}", "--ros-args", *ros_args],
         env=env,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -116,6 +119,8 @@ class Teleop:
         self.status = json.loads(msg.data)
 
     def _publish_twist(self) -> None:
+        if self.velocity is None:  # the keyboard teleop drives
+            return
         v = [float(x) for x in self.velocity]
         msg = Twist()
         msg.linear.x, msg.linear.y, msg.linear.z = v[:3]
@@ -305,12 +310,40 @@ def test_records_teleop_episodes_and_survives_sigkill(graph) -> None:
         for key, value in store.episode(i).items():
             np.testing.assert_array_equal(value, data[key], err_msg=f"episode {i} key {key}")
 
-    # A new recorder appends to the same store after the crash.
+    # A new recorder appends to the same store after the crash, driven from robomosaic-teleop's
+    # keyboard (in a pseudo terminal): 1 starts, w held moves +x, space closes, 2 stops (success).
     teleop.status = {}
+    teleop.velocity = None
     processes.append(record_node(params, store_path))
-    teleop.wait_status(lambda status: status.get("episodes") is None)  # the new recorder is up
-    record_episode(teleop, [0, 0, 0, 0, 0, 0], 0.0, seconds=0.5)
-    answer = teleop.call("stop", data=False)
-    assert answer.success, answer.message
+    master, slave = pty.openpty()
+    keyboard = start_node("teleop", "-p", "linear_speed:=0.5", stdin=slave)
+    processes.append(keyboard)
+    os.close(slave)
+    try:
+        teleop.wait_status(lambda status: status.get("episodes") is None)  # the new recorder is up
+        end = time.monotonic() + 30.0
+        while not teleop.status.get("recording"):  # until the keyboard node finds the service
+            assert time.monotonic() < end and keyboard.poll() is None, teleop.status
+            os.write(master, b"1")
+            time.sleep(1.0)
+        os.write(master, b" ")
+        for _ in range(20):  # a held key repeats
+            os.write(master, b"w")
+            time.sleep(0.1)
+        time.sleep(1.0)  # released: the teleop sends zero velocity
+        os.write(master, b"2")
+        teleop.wait_status(lambda status: not status["recording"])
+        os.write(master, b"q")
+        assert keyboard.wait(timeout=10) == 0
+    finally:
+        os.close(master)
     store = EpisodeStore.open(store_path)
-    assert store.n_episodes == 3 and store.episode_meta(2)["seed"] == 5
+    assert store.n_episodes == 3
+    meta, ep = store.episode_meta(2), store.episode(2)
+    assert meta["success"] and meta["seed"] == 5, meta
+    action = ep["action"]
+    moving = action[:, 0] > 0
+    print(f"keyboard episode: {len(action)} steps, {moving.sum()} moving +x")
+    assert np.all(action[moving, 0] == 0.5) and np.all(action[:, 1:6] == 0)
+    assert moving.sum() >= 0.4 * 2.0 * HZ and not moving[-5:].any()  # held ~2 s, then released
+    assert action[-1, 6] == 1.0  # the gripper was toggled closed

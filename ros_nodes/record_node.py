@@ -75,6 +75,7 @@ ACTION_KEY = "action"
 ACTION_TYPES = ("Twist", "Float64MultiArray")
 BINDING_FIELDS = ("topic", "type", "field", "names")
 DESCRIPTION_FIELDS = ("units", "frame", "description")
+ROS_PARAMETERS = ("use_sim_time", "start_type_description_service")  # every rclpy node has these
 PARAMETERS: dict[str, Any] = {
     "store": "",
     "task": "",
@@ -241,8 +242,7 @@ def _make_node_class():  # rclpy is imported only when a node is built
             self.store: EpisodeStore | None = None
             self.spec: DatasetSpec | None = None
             self.episode: Episode | None = None
-            self.pending_reset = False
-            self.saved = 0
+            self.pending_reset = False  # ~/start called the reset service, no answer yet
             self.last_saved: dict[str, Any] | None = None
 
             # Newest message of every topic with its receipt time (node clock, seconds). Callbacks
@@ -309,6 +309,15 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 else:
                     value = self.declare_parameter(name, default).value
                 values[name] = value
+            unused = sorted(
+                name
+                for name in self.list_parameters([], 0).names
+                if name not in PARAMETERS
+                and name not in ROS_PARAMETERS
+                and not name.startswith("observations.")
+            )
+            if unused:  # a typo, or a parameter file shared with the policy node
+                self.get_logger().warning(f"parameters not used by the recorder: {', '.join(unused)}")
             return values
 
         def now(self) -> float:
@@ -428,6 +437,8 @@ def _make_node_class():  # rclpy is imported only when a node is built
             )
 
         def _on_reset_done(self, future) -> None:
+            if not self.pending_reset:  # ~/discard cancelled the start
+                return
             self.pending_reset = False
             try:
                 answer = future.result()
@@ -504,7 +515,6 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 index = self.store.append_episode(episode.arrays(), meta)
             except StoreError as e:
                 return False, f"episode of {episode.length} steps NOT saved: {e}"
-            self.saved += 1
             self.last_saved = {"episode": index, "steps": episode.length, "success": success}
             return True, (
                 f"saved episode {index} ({'success' if success else 'failure'}, seed {episode.seed}): "
@@ -515,7 +525,10 @@ def _make_node_class():  # rclpy is imported only when a node is built
 
         def _on_discard(self, request, response):
             episode, self.episode = self.episode, None
-            if episode is None:
+            if self.pending_reset:
+                self.pending_reset = False
+                response.success, response.message = True, "start cancelled (the reset had not answered yet)"
+            elif episode is None:
                 response.success, response.message = False, "not recording: nothing to discard"
             else:
                 response.success = True
@@ -575,13 +588,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     require_rclpy()
     import rclpy
 
-    from robomosaic.data.store import StoreError
     from robomosaic.ros_nodes.common import spin_node
 
     rclpy.init(args=list(sys.argv if argv is None else ["robomosaic-record-node", *argv]))
     try:
         node = _make_node_class()()
-    except (ValueError, KeyError, StoreError) as e:
+    except (ValueError, KeyError) as e:
         rclpy.try_shutdown()
         raise SystemExit(f"robomosaic-record-node: {e}") from None
     spin_node(node)

@@ -44,15 +44,21 @@ Topics (names are defaults; remap them):
 - service ``~/arm`` std_srvs/SetBool: true arms (control starts from the student's learned initial
   hidden state), false disarms (NaN commands, motors stopped).
 
-Parameters: ``checkpoint`` (a RaptorStudent checkpoint folder, or the ``.npz`` that
-``robomosaic-raptor export`` writes; default: the student shipped with the package,
-``robomosaic/policies/raptor/pretrained/student``), ``control_hz`` (100), ``trigger`` (``timer``: a
-dedicated thread on the wall clock at ``control_hz``; ``odom``: one step per odometry message, for
-estimators publishing at a fixed rate), ``max_odom_age`` (0.05 s), ``failsafe`` (``zero`` |
-``hover_throttle``), ``hover_throttle`` (-1: the running mean of the commands sent while healthy),
-``armed`` (false), ``setpoint`` ([]), ``setpoint_velocity_timeout`` (0.1 s), ``twist_frame``
-(``world`` | ``child``), ``initial_action`` (0.0: the "previous action" the student sees at its first
-step, in [-1, 1]), ``realtime_priority`` (0: off; 1-99 runs the control thread SCHED_FIFO).
+Parameters:
+
+- ``checkpoint``: a RaptorStudent checkpoint folder, or the weights ``.npz`` that ``robomosaic-raptor
+  export`` writes; default the student shipped with the package,
+  ``robomosaic/policies/raptor/pretrained/student``
+- ``control_hz`` (100.0)
+- ``trigger``: ``timer`` (default: a dedicated thread on the wall clock at ``control_hz``) or ``odom``
+  (one step per odometry message, for estimators publishing at a fixed rate; the thread then only
+  sends the failsafe when odometry stops)
+- ``max_odom_age`` (0.05 s); ``failsafe``: ``zero`` (default) | ``hover_throttle``; ``hover_throttle``
+  (-1: the running mean of the commands sent while flying)
+- ``armed`` (false); ``setpoint`` ([] or [x, y, z]); ``setpoint_velocity_timeout`` (0.1 s)
+- ``twist_frame``: ``world`` (default) | ``child``
+- ``initial_action`` (0.0): the "previous action" the student sees at its first step, in [-1, 1]
+- ``realtime_priority`` (0: off; 1-99 runs the control thread SCHED_FIFO, needs the privilege)
 
 Faults. Odometry older than ``max_odom_age`` (measured from its arrival, so sensor and node clocks
 need not agree) or never received -> the failsafe command at every control step, within one period
@@ -79,7 +85,6 @@ from pathlib import Path
 import numpy as np
 
 from robomosaic.policies.raptor.export import NumpyStudent
-from robomosaic.policies.raptor.student import OBS_DIM
 from robomosaic.ros_nodes.common import require_rclpy
 
 require_rclpy()
@@ -243,9 +248,6 @@ class QuadrotorController:
         return actions_to_px4(action)
 
 
-assert OBS_DIM == 22  # raptor_observation's layout
-
-
 # ---- timing -------------------------------------------------------------------------------------
 class PeriodicThread:
     """Calls ``tick(scheduled_time)`` every ``period`` seconds on absolute monotonic deadlines in its
@@ -379,15 +381,13 @@ class QuadrotorNode(Node):
         self.create_timer(1.0, self._publish_diagnostics)
         self._message = Float32MultiArray()
         self._message.layout.dim = [MultiArrayDimension(label="motors", size=4, stride=4)]
-        self.loop: PeriodicThread | None = None
-        if self.trigger == "timer":
-            priority = int(get("realtime_priority").value)
-            self.loop = PeriodicThread(self.period, self._tick, "raptor-control", priority)
-            self.loop.start()
-        self.get_logger().info(
-            f"{'armed' if self._armed else 'disarmed (call ~/arm)'}, {self.control_hz:g} Hz on "
-            f"{'a wall-clock thread' if self.loop else 'every odometry message'}, failsafe {self.failsafe}"
-        )
+        # trigger "odom": the same thread only watches for stale odometry (and sends NaNs disarmed)
+        tick = self._tick if self.trigger == "timer" else self._watch
+        self.loop = PeriodicThread(self.period, tick, "raptor-control", int(get("realtime_priority").value))
+        self.loop.start()
+        how = f"{self.control_hz:g} Hz on a wall-clock thread" if tick == self._tick else "on every odometry"
+        armed = "armed" if self._armed else "disarmed (call ~/arm)"
+        self.get_logger().info(f"{armed}, {how}, failsafe {self.failsafe}")
 
     def _choice(self, name: str, allowed: tuple[str, ...]) -> str:
         value = str(self.get_parameter(name).value)
@@ -409,7 +409,7 @@ class QuadrotorNode(Node):
             return
         with self._lock:
             self._odom = sample
-        if self.trigger == "odom":
+        if self.trigger == "odom" and self._armed:
             self._tick(received)
 
     def _on_setpoint(self, msg: PoseStamped) -> None:
@@ -456,7 +456,14 @@ class QuadrotorNode(Node):
                 return np.full(4, min(throttle, 1.0), dtype=np.float32)
         return np.zeros(4, dtype=np.float32)
 
-    def _tick(self, scheduled: float) -> None:
+    def _watch(self, scheduled: float) -> None:
+        """Trigger "odom": the periodic thread steps in only when odometry has gone stale (or to keep
+        sending NaNs while disarmed); control steps run in the odometry callback."""
+        odom = self._odom
+        if not self._armed or odom is None or time.monotonic() - odom.received > self.max_odom_age:
+            self._tick(scheduled, record=False)
+
+    def _tick(self, scheduled: float, record: bool = True) -> None:
         started = time.monotonic()
         stale_since: float | None = None
         with self._lock:
@@ -488,7 +495,8 @@ class QuadrotorNode(Node):
             if stale_since is not None:
                 self.failsafe_latency = time.monotonic() - stale_since
                 self.failsafe_latency_max = float(np.fmax(self.failsafe_latency_max, self.failsafe_latency))
-        self.stats.record(scheduled, started, time.monotonic())
+        if record:
+            self.stats.record(scheduled, started, time.monotonic())
 
     def _sent_action(self) -> np.ndarray:
         """The last command in our action order and units (what the motors were last told)."""
@@ -548,8 +556,7 @@ class QuadrotorNode(Node):
 
     def on_shutdown(self) -> None:
         """Stop the loop and send the failsafe command (spin_node calls this before destroying)."""
-        if self.loop is not None:
-            self.loop.stop()
+        self.loop.stop()
         with self._lock:
             self._publish(self.failsafe_command() if self._armed else np.full(4, np.nan, dtype=np.float32))
 

@@ -307,9 +307,15 @@ def test_controller_holds_hover_through_ros(processes, probe):
 HZ, MAX_AGE = 100.0, 0.03
 
 
-def test_failsafe_on_stale_or_nan_odometry_and_disarm(processes, probe):
+@pytest.mark.parametrize("trigger", ["timer", "odom"])
+def test_failsafe_on_stale_or_nan_odometry_and_disarm(processes, probe, trigger):
     processes.start(
-        "quadrotor_node", checkpoint=_checkpoint(), armed=True, control_hz=HZ, max_odom_age=MAX_AGE
+        "quadrotor_node",
+        checkpoint=_checkpoint(),
+        armed=True,
+        control_hz=HZ,
+        max_odom_age=MAX_AGE,
+        trigger=trigger,
     )
     state = {"mode": "good"}  # good | stop | nan
     hover = odometry_msg([0.0, 0.0, 1.0], [0, 0, 0, 1], [0, 0, 0], [0, 0, 0], "odom", "base_link", STAMP)

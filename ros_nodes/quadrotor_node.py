@@ -54,10 +54,12 @@ Parameters:
   (one step per odometry message, for estimators publishing at a fixed rate; the thread then only
   sends the failsafe when odometry stops)
 - ``max_odom_age`` (0.05 s); ``failsafe``: ``zero`` (default) | ``hover_throttle``; ``hover_throttle``
-  (-1: the running mean of the commands sent while flying)
+  (-1: the running mean, over about 1 s, of the commands sent while flying; zeros before it has flown)
 - ``armed`` (false); ``setpoint`` ([] or [x, y, z]); ``setpoint_velocity_timeout`` (0.1 s)
 - ``twist_frame``: ``world`` (default) | ``child``
-- ``initial_action`` (0.0): the "previous action" the student sees at its first step, in [-1, 1]
+- ``initial_action`` (0.0): the "previous action" the student sees at its first step after arming,
+  in [-1, 1]; training started it at the vehicle's hover action, so set ``2 x hover command - 1`` when
+  the hover command is known (-1, motors off, is out of distribution and can make a weak vehicle diverge)
 - ``realtime_priority`` (0: off; 1-99 runs the control thread SCHED_FIFO, needs the privilege)
 
 Faults. Odometry older than ``max_odom_age`` (measured from its arrival, so sensor and node clocks
@@ -68,7 +70,10 @@ holds every motor at the hover command for an open-loop descent on a vehicle who
 is well known (it drifts: without a pose nothing can hold it). Odometry with a non-finite value or a
 degenerate quaternion is rejected (counted in the diagnostics) and so ages like a missing message.
 When fresh odometry returns, control resumes from the learned initial hidden state (the student's
-memory of the vehicle may no longer match), with the failsafe command as its previous action.
+memory of the vehicle may no longer match) and with the student's own last action as its "previous
+action", not the failsafe command: -1 on every motor is far from anything it saw in training, and
+in-process it made recovery after 0.1 s of zeros overshoot by 1-2.3 m (crazyflie, x500, a sampled
+vehicle) where its own last action kept it within 0.15-0.23 m.
 SIGINT/SIGTERM: the failsafe command is sent before the node exits.
 """
 
@@ -370,7 +375,6 @@ class QuadrotorNode(Node):
         self.failsafe_latency = self.failsafe_latency_max = math.nan  # s from stale odometry to failsafe
         self.rejected_odometry = 0
         self.rejected_setpoints = 0
-        self._last_command = np.full(4, np.nan, dtype=np.float32)
 
         self.command_pub = self.create_publisher(Float32MultiArray, "/motor_commands", command_qos())
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -478,7 +482,7 @@ class QuadrotorNode(Node):
                 self._healthy = False
             else:
                 if not self._healthy:
-                    self.controller.reset(None if math.isnan(self._last_command[0]) else self._sent_action())
+                    self.controller.reset(self.controller.previous_action)  # see "Faults" above
                     if self._setpoint is None:
                         self._setpoint = odom.position.copy()
                     self._healthy = True
@@ -498,12 +502,7 @@ class QuadrotorNode(Node):
         if record:
             self.stats.record(scheduled, started, time.monotonic())
 
-    def _sent_action(self) -> np.ndarray:
-        """The last command in our action order and units (what the motors were last told)."""
-        return px4_to_actions(self._last_command).astype(np.float32)
-
     def _publish(self, command: np.ndarray) -> None:
-        self._last_command = command
         self._message.data = command.tolist()
         self.command_pub.publish(self._message)
 

@@ -165,10 +165,10 @@ class Probe:
 
 
 # First, before the module's realtime sim node starts (it would also take the commands).
-def test_commanded_mode_steps_once_per_command_with_simulated_clock_and_images() -> None:
+def test_commanded_mode_steps_once_per_command_with_simulated_clock_images_and_episode_end() -> None:
     process = start_node(
         "sim_node", "-r", "__node:=sim_commanded", "-p", "step_mode:=commanded", "-p", f"seed:={SEED}",
-        "-p", "cameras:=['agentview']", "-p", "image_size:=32",
+        "-p", "cameras:=['agentview']", "-p", "image_size:=32", "-p", "max_steps:=5",
     )  # fmt: skip
     probe = Probe("/sim_commanded")
     try:
@@ -193,6 +193,17 @@ def test_commanded_mode_steps_once_per_command_with_simulated_clock_and_images()
 
         compressed = probe.messages("/agentview/image_raw/compressed")[-1]
         assert PILImage.open(io.BytesIO(bytes(compressed.data))).size == (32, 32)
+        # max_steps reached: done, and commands no longer step until the next reset.
+        assert status["done"] and status["truncated"] and not status["success"]
+        probe.forward.publish(messages.float64_array_msg([0.0] * 7))
+        time.sleep(1.0)
+        assert probe.status()["step"] == 5
+        reply = probe.reset()
+        assert reply["seed"] == SEED + 1
+        probe.wait_for(lambda: probe.status()["episode"] == reply["episode"], 10, "the next episode")
+        status = probe.status()
+        assert status["step"] == 0 and not status["done"]
+        assert status["time"] == pytest.approx(t0 + 6 * DT, abs=1e-6)  # a reset takes one period
     finally:
         probe.close()
         print(stop_node(process)[-3000:])

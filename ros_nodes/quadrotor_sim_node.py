@@ -15,19 +15,18 @@ MuJoCo steps per control step) or in the batched torch RK4 simulator with a batc
   (``publish_clock``) so that nodes with ``use_sim_time`` follow it.
 - service ``~/reset`` std_srvs/Trigger: back to the initial state (and held, see below).
 
-The vehicle (``vehicle``): a preset of sim/quadrotor/params.py (``crazyflie``, ``x500``) or
-``sampled`` (RAPTOR's randomization, drawn with ``seed``); ``disturbance_force`` [fx, fy, fz] N (world)
-adds constant wind. It starts at ``initial_position``, upright at rest with its motors at hover (or
-from RAPTOR's random initial state around it, ``random_start``, drawn with ``seed``) and is held there,
-as by a hand launching it, until the first motor command with a non-zero motor arrives
-(``wait_for_command``): all-zero (failsafe) and NaN (disarmed) commands keep it held, so a controller
-that starts before its odometry arrives does not drop the vehicle. (A launch pad that releases the
-vehicle once the thrust exceeds its weight would not do: RAPTOR's student learned to fly from
-in-air starts, and one that sees a vehicle at rest at its setpoint commands slightly less than the
-weight, forever.)
-There is no ground: a vehicle that leaves a ``bounds`` m box or whose state goes non-finite is put back
-at its initial state and held again (logged).
-"""
+The vehicle (``vehicle``): a preset of sim/quadrotor/params.py (``x500``, the default: PX4's reference
+frame, thrust-to-weight 3.25; ``crazyflie``: thrust-to-weight 1.47, which leaves the student little
+margin to recover from a fall) or ``sampled`` (RAPTOR's randomization, drawn with ``seed``);
+``disturbance_force`` [fx, fy, fz] N (world) adds constant wind. It starts at ``initial_position``,
+upright at rest with its motors at hover (or from RAPTOR's random initial state around it,
+``random_start``, drawn with ``seed``) and is held there, as by a hand launching it, until the first
+motor command with a non-zero motor arrives (``wait_for_command``): all-zero (failsafe) and NaN
+(disarmed) commands keep it held, so a controller that starts before its odometry arrives does not drop
+the vehicle. (A launch pad that releases the vehicle once the thrust exceeds its weight would not do:
+RAPTOR's student learned to fly from in-air starts, and one that sees a vehicle at rest at its setpoint
+commands slightly less than the weight, forever.) There is no ground: a vehicle that leaves a ``bounds``
+m box or whose state goes non-finite is put back at its initial state and held again (logged)."""
 
 from __future__ import annotations
 
@@ -101,7 +100,7 @@ class QuadrotorSimNode(Node):
     def __init__(self) -> None:
         super().__init__("quadrotor_sim")
         self.declare_parameter("simulator", "mujoco")
-        self.declare_parameter("vehicle", "crazyflie")
+        self.declare_parameter("vehicle", "x500")
         self.declare_parameter("seed", 0)
         self.declare_parameter("dt", dynamics.DEFAULT_DT)
         self.declare_parameter("substeps", 10)

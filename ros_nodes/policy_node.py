@@ -1,0 +1,699 @@
+"""robomosaic-policy-node: a trained chunk policy driving a robot over ROS 2 (a lifecycle node).
+
+    robomosaic-policy-node --ros-args --params-file my_robot.yaml -p checkpoint:=runs/lift_flow/best \
+        -p autostart:=true
+    python -m robomosaic.ros_nodes.policy_node --ros-args -r __node:=policy --params-file ...
+
+Lifecycle (lifecycle_msgs/srv/ChangeState on `~/change_state`, or `autostart`):
+- configure: loads the checkpoint, binds observation topics, and checks them against the
+  checkpoint's observation spec (every key bound, shapes equal) and the command settings against
+  its action spec; any mismatch fails the transition with an error naming the key, topic or
+  parameter (logged, and in the diagnostics message). Runs one warm-up inference.
+- activate: starts control at `control_hz` (a fresh observation history and sampling stream).
+- deactivate / cleanup / shutdown (also on SIGINT/SIGTERM): sends the safe command and stops.
+
+Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
+- `checkpoint` (folder), `device` (cpu, cuda, ...), `torch_threads` (0: torch's default)
+- `observations.<key>.topic|type|field|names`: one entry per policy observation key;
+  type JointState | Image | CompressedImage | PoseStamped | Odometry | Float64MultiArray, fields as in
+  robomosaic.ros_nodes.messages. A multitask checkpoint's `task_id` is either the parameter `task`
+  (a task name of the checkpoint's task set) or `observations.task_id` bound to a std_msgs/String topic.
+- `command_type` trajectory | forward | twist, `command_topic` (default per type:
+  /joint_trajectory_controller/joint_trajectory, /forward_command_controller/commands, /cmd_vel),
+  `trajectory_joint_names` (one per action dimension; default for 7-d arm actions:
+  dx dy dz droll dpitch dyaw gripper)
+- `control_hz` (default: the checkpoint's), `n_action_steps` (default: the checkpoint's), `blend`
+  none | ensemble | rtc, `deadline` (s, default one replan period), `max_obs_age` (s, default 0.2)
+- `action_min`, `action_max`, `max_delta` (one value per action dimension, or one for all;
+  defaults: [-1, 1] for actions whose spec says "normalized [-1, 1]", no rate limit),
+  `gripper_dims` (dimensions that keep their last value in the safe command; default: the last
+  dimension when the action spec mentions a gripper)
+- `seed` (sampling noise: episode k samples from a stream seeded by (seed, k)), `autostart`
+
+Outputs: the command topic (reliable) every control period while active and enabled, and
+`/diagnostics` diagnostic_msgs/DiagnosticArray at 1 Hz. Sensor subscriptions are best effort, depth 1.
+Services (std_srvs/Trigger): `~/enable`, `~/disable` (sends the safe command once and stops
+publishing commands, so that another source may drive the robot), `~/reset_history` (a new episode:
+forget the observation history and plans, next sampling stream).
+
+Faults: observations older than `max_obs_age` (the newest sample of the oldest key; header stamps,
+or the receipt time for messages without one), a non-finite observation (rejected, counted; never
+used), inference later than the deadline with no plan left, or a failed inference all give the safe
+command in that control period: zero motion with the gripper dimensions keeping their last command
+(Twist: all zeros). Commands are clamped to the limits and rate-limited by `max_delta`; the safe
+command is never rate-limited.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from robomosaic.ros_nodes.common import require_rclpy
+
+require_rclpy()
+
+import rclpy  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
+from geometry_msgs.msg import Twist  # noqa: E402
+from rcl_interfaces.msg import ParameterDescriptor  # noqa: E402
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn  # noqa: E402
+from rclpy.publisher import Publisher  # noqa: E402
+from std_msgs.msg import Float64MultiArray  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+from trajectory_msgs.msg import JointTrajectory  # noqa: E402
+
+from robomosaic.data.multitask import TASK_ID, TaskSet  # noqa: E402
+from robomosaic.data.spec import KeySpec  # noqa: E402
+from robomosaic.ros_nodes import messages  # noqa: E402
+from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos, spin_node  # noqa: E402
+from robomosaic.ros_nodes.safety import SafetyFilter  # noqa: E402
+
+COMMAND_TYPES = {
+    "trajectory": (JointTrajectory, "/joint_trajectory_controller/joint_trajectory"),
+    "forward": (Float64MultiArray, "/forward_command_controller/commands"),
+    "twist": (Twist, "/cmd_vel"),
+}
+# The arm's OSC delta action as the simulated robot (robomosaic-sim-node) names its dimensions.
+ARM_ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
+BINDING_ATTRIBUTES = ("topic", "type", "field", "names")
+# Parameters and their defaults; None: derived from the checkpoint at configure.
+PARAMETERS: dict[str, Any] = {
+    "checkpoint": "",
+    "device": "cpu",
+    "torch_threads": 0,
+    "command_type": "trajectory",
+    "command_topic": None,
+    "trajectory_joint_names": None,
+    "control_hz": None,
+    "n_action_steps": None,
+    "blend": "none",
+    "deadline": None,
+    "max_obs_age": 0.2,
+    "action_min": None,
+    "action_max": None,
+    "max_delta": None,
+    "gripper_dims": None,
+    "task": "",
+    "seed": 0,
+    "autostart": False,
+}
+LATENCY_WINDOW = 200  # chunks over which the diagnostics' latency percentiles are taken
+
+
+class ConfigurationError(ValueError):
+    """The parameters do not fit the checkpoint; the message names the key, topic or parameter."""
+
+
+@dataclass
+class Sample:
+    value: np.ndarray
+    stamp: float
+
+
+def parse_bindings(params: dict[str, Any]) -> dict[str, messages.TopicBinding]:
+    """`observations.<key>.<attribute>` parameter values (prefix removed) -> one binding per key."""
+    entries: dict[str, dict[str, Any]] = {}
+    for name, value in params.items():
+        key, _, attribute = name.rpartition(".")
+        if not key or attribute not in BINDING_ATTRIBUTES:
+            raise ConfigurationError(
+                f"parameter observations.{name}: expected observations.<key>.<{'|'.join(BINDING_ATTRIBUTES)}>"
+            )
+        entries.setdefault(key, {})[attribute] = value
+    bindings = {}
+    for key, entry in entries.items():
+        for required in ("topic", "type"):
+            if not entry.get(required):
+                raise ConfigurationError(
+                    f"observation {key!r}: parameter observations.{key}.{required} is not set"
+                )
+        try:
+            bindings[key] = messages.TopicBinding(key, **entry)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from None
+    return bindings
+
+
+def check_bindings(
+    bindings: dict[str, messages.TopicBinding],
+    obs_spec: dict[str, KeySpec],
+    task_set: TaskSet | None,
+    task: str,
+) -> None:
+    """Every observation key of the checkpoint is bound, with the shape the checkpoint expects;
+    raises ConfigurationError naming the first mismatch. Shapes a binding does not fix (images,
+    Float64MultiArray, JointState without names) are checked on every message."""
+    spec_keys = sorted(obs_spec)
+    for key, binding in bindings.items():
+        where = f"observation {key!r} (topic {binding.topic!r})"
+        if key not in obs_spec:
+            raise ConfigurationError(
+                f"{where} is not an observation of the checkpoint; its keys are {spec_keys}"
+            )
+        if binding.type == "String":
+            if key != TASK_ID or task_set is None:
+                raise ConfigurationError(
+                    f"{where}: a String topic can only select the task ({TASK_ID!r}) "
+                    "of a multitask checkpoint"
+                )
+            continue
+        spec = obs_spec[key]
+        if spec.is_image != binding.is_image:
+            expected = f"an image {spec.shape}" if spec.is_image else f"a vector {spec.shape}"
+            raise ConfigurationError(
+                f"{where}: the checkpoint expects {expected}, a {binding.type} topic cannot give it"
+            )
+        if binding.shape is not None and binding.shape != spec_shape(key, spec, task_set):
+            raise ConfigurationError(
+                f"{where}: the binding gives shape {binding.shape} ({binding.type} {binding.field}"
+                f"{f' of joints {binding.names}' if binding.names else ''}), "
+                f"the checkpoint expects {spec.shape}"
+            )
+    if task_set is not None and TASK_ID not in bindings:
+        if not task:
+            raise ConfigurationError(
+                f"multitask checkpoint (tasks {list(task_set.tasks)}): set parameter task or bind "
+                f"observations.{TASK_ID} to a std_msgs/String topic"
+            )
+        if task not in task_set.tasks:
+            raise ConfigurationError(
+                f"parameter task: {task!r} is not one of the checkpoint's tasks {list(task_set.tasks)}"
+            )
+    for key in spec_keys:
+        if key not in bindings and not (key == TASK_ID and task_set is not None):
+            raise ConfigurationError(
+                f"observation {key!r} {tuple(obs_spec[key].shape)} of the checkpoint is not bound "
+                f"to a topic: "
+                f"set observations.{key}.topic and observations.{key}.type"
+            )
+
+
+def spec_shape(key: str, spec: KeySpec, task_set: TaskSet | None) -> tuple[int, ...] | None:
+    """The shape a topic must give for `key`; None where the multitask padding accepts any shorter one."""
+    if task_set is not None and key == "object":
+        return None
+    return tuple(spec.shape)
+
+
+def _float_list(name: str, value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    values = [value] if isinstance(value, (int, float)) else list(value)
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"parameter {name}: expected numbers, got {value!r}") from None
+
+
+def _percentile_ms(values: Sequence[float], q: float) -> str:
+    return f"{1000 * float(np.percentile(values, q)):.2f}" if len(values) else "nan"
+
+
+class PolicyNode(LifecycleNode):
+    """See the module docstring."""
+
+    def __init__(self, node_name: str = "policy", **kwargs: Any) -> None:
+        super().__init__(
+            node_name,
+            allow_undeclared_parameters=True,
+            automatically_declare_parameters_from_overrides=True,
+            **kwargs,
+        )
+        for name, default in PARAMETERS.items():
+            if not self.has_parameter(name):
+                self.declare_parameter(name, default, ParameterDescriptor(dynamic_typing=True))
+        self._lock = threading.RLock()  # control tick vs lifecycle transitions and services
+        self._data_lock = threading.Lock()  # sensor callbacks vs the control tick
+        self._entities: list[Any] = []  # subscriptions and publishers made at configure
+        self._latest: dict[str, Sample] = {}  # newest sample per observation key
+        self._fresh = False  # a sample arrived since the executor last observed
+        self._control_timer = None
+        self.policy = None
+        self.active = False
+        self.enabled = False
+        self.episode = 0
+        self.last_error = ""
+        self._tick_times: list[float] = []
+        self._counts = {"bad_messages": 0, "inference_errors": 0}
+        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(1.0, self._publish_diagnostics, MutuallyExclusiveCallbackGroup())
+        services = MutuallyExclusiveCallbackGroup()
+        self.create_service(Trigger, "~/enable", self._on_enable, callback_group=services)
+        self.create_service(Trigger, "~/disable", self._on_disable, callback_group=services)
+        self.create_service(Trigger, "~/reset_history", self._on_reset_history, callback_group=services)
+
+    # -- parameters -----------------------------------------------------------------------------
+    def _param(self, name: str) -> Any:
+        value = self.get_parameter(name).value
+        return PARAMETERS.get(name) if value is None else value
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def on_configure(self, state: Any) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except Exception as e:  # every failure must end in FAILURE with its reason logged
+            self.last_error = f"configure failed: {e}"
+            self.get_logger().error(self.last_error)
+            self._destroy_entities()
+            self.policy = None
+            return TransitionCallbackReturn.FAILURE
+        self.last_error = ""
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure(self) -> None:
+        import torch
+
+        from robomosaic.policies.checkpoint import load_policy, read_checkpoint
+        from robomosaic.policies.executor import ChunkExecutor, ExecutorConfig, ThreadedInference
+
+        path = str(self._param("checkpoint"))
+        if not path:
+            raise ConfigurationError("parameter checkpoint is not set (the folder of a trained policy)")
+        spec_json = read_checkpoint(path).spec
+        policy = load_policy(path)
+        if not callable(getattr(policy, "predict_chunk", None)):
+            raise ConfigurationError(
+                f"checkpoint {path}: a {type(policy).__name__} is not a chunk-predicting policy"
+            )
+        threads = int(self._param("torch_threads"))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        try:
+            policy.to(torch.device(str(self._param("device"))))
+        except (RuntimeError, AssertionError) as e:
+            raise ConfigurationError(
+                f"parameter device: {self._param('device')!r} is not usable: {e}"
+            ) from None
+        self.task_set = TaskSet.from_dict(spec_json["task_set"]) if spec_json.get("task_set") else None
+        self.task: str | None = str(self._param("task")) or None
+        self.obs_spec: dict[str, KeySpec] = dict(policy.obs_spec)
+        self.bindings = parse_bindings(
+            {name: p.value for name, p in self.get_parameters_by_prefix("observations").items()}
+        )
+        check_bindings(self.bindings, self.obs_spec, self.task_set, self.task or "")
+
+        action_spec: KeySpec = policy.action_spec
+        self.action_dim = int(np.prod(action_spec.shape))
+        self.command_type = str(self._param("command_type"))
+        if self.command_type not in COMMAND_TYPES:
+            raise ConfigurationError(
+                f"parameter command_type: {self.command_type!r} is not one of {', '.join(COMMAND_TYPES)}"
+            )
+        if self.command_type == "twist" and self.action_dim != 6:
+            raise ConfigurationError(
+                f"parameter command_type: twist needs a 6-d action (linear, angular), "
+                f"the checkpoint's action has {self.action_dim}"
+            )
+        self.joint_names = self._param("trajectory_joint_names")
+        if self.joint_names is None:
+            self.joint_names = ARM_ACTION_NAMES if self.action_dim == len(ARM_ACTION_NAMES) else []
+        self.joint_names = [str(n) for n in self.joint_names]
+        if self.command_type == "trajectory" and len(self.joint_names) != self.action_dim:
+            raise ConfigurationError(
+                f"parameter trajectory_joint_names: {len(self.joint_names)} names {self.joint_names} "
+                f"for the checkpoint's {self.action_dim}-d action"
+            )
+        self.control_hz = float(self._param("control_hz") or spec_json.get("control_hz") or 0)
+        if not self.control_hz > 0:
+            raise ConfigurationError("parameter control_hz: must be positive (the checkpoint records none)")
+        max_obs_age = float(self._param("max_obs_age"))
+        if not max_obs_age > 0:
+            raise ConfigurationError(f"parameter max_obs_age: must be positive seconds, got {max_obs_age}")
+        n_action_steps = int(self._param("n_action_steps") or policy.n_action_steps)
+        usable = policy.horizon - policy.n_obs_steps + 1
+        if not 1 <= n_action_steps <= usable:
+            raise ConfigurationError(
+                f"parameter n_action_steps: {n_action_steps} not in [1, horizon - n_obs_steps + 1 = {usable}]"
+            )
+        deadline = self._param("deadline")
+        try:
+            config = ExecutorConfig(
+                control_hz=self.control_hz,
+                n_obs_steps=policy.n_obs_steps,
+                n_action_steps=n_action_steps,
+                blend=str(self._param("blend")),
+                max_obs_age=max_obs_age,
+                deadline=None if deadline is None else float(deadline),
+            )
+        except ValueError as e:
+            raise ConfigurationError(f"parameter blend/control_hz/n_action_steps: {e}") from None
+        normalized = "[-1, 1]" in (action_spec.units or "")
+        gripper_dims = self._param("gripper_dims")
+        if gripper_dims is None:
+            mentions_gripper = "gripper" in (action_spec.description or "").lower()
+            gripper_dims = [self.action_dim - 1] if mentions_gripper and self.command_type != "twist" else []
+        limits = {}
+        for name, default in (("action_min", -1.0), ("action_max", 1.0), ("max_delta", None)):
+            value = self._param(name)
+            limits[name] = _float_list(
+                name, value if value is not None else (default if normalized else None)
+            )
+        try:
+            self.safety = SafetyFilter(self.action_dim, gripper_dims=[int(d) for d in gripper_dims], **limits)
+        except ValueError as e:
+            raise ConfigurationError(f"parameter action_min/action_max/max_delta/gripper_dims: {e}") from None
+
+        self.seed = int(self._param("seed"))
+        self.chunk_executor = ChunkExecutor(
+            ThreadedInference(self._predict),
+            config,
+            self.action_dim,
+            hold=lambda last: self.safety.safe_command(),
+        )
+        self._warm_up(policy)
+        self._make_entities()
+        self.policy = policy  # last: the diagnostics and services read it as "configured"
+        self.get_logger().info(
+            f"configured {path}: {type(policy).__name__}, observations "
+            + ", ".join(
+                f"{k} <- {b.topic} ({b.type}{f' {b.field}' if b.field else ''})"
+                for k, b in self.bindings.items()
+            )
+            + f"; {self.command_type} commands on {self.command_topic} at {self.control_hz:g} Hz"
+        )
+
+    def _warm_up(self, policy: Any) -> None:
+        """One inference on a zero history, so the first real chunk is not slowed by lazy setup."""
+        history = {
+            k: np.zeros((policy.n_obs_steps, *s.shape), dtype=np.dtype(s.dtype))
+            for k, s in self.obs_spec.items()
+        }
+        start = time.perf_counter()
+        chunk = policy.predict_chunk(history, None)
+        if chunk.shape[1] != self.action_dim:
+            raise ConfigurationError(
+                f"the policy returns chunks of shape {chunk.shape}, expected (*, {self.action_dim})"
+            )
+        self.get_logger().info(f"warm-up inference: {1000 * (time.perf_counter() - start):.0f} ms")
+
+    def _make_entities(self) -> None:
+        message_type, default_topic = COMMAND_TYPES[self.command_type]
+        self.command_topic = str(self._param("command_topic") or default_topic)
+        self._command_pub = self.create_publisher(message_type, self.command_topic, command_qos())
+        self._entities.append(self._command_pub)
+        with self._data_lock:
+            self._latest.clear()
+            self._fresh = False
+        by_topic: dict[str, list[messages.TopicBinding]] = {}
+        for binding in self.bindings.values():
+            by_topic.setdefault(binding.topic, []).append(binding)
+        group = MutuallyExclusiveCallbackGroup()
+        for topic, bindings in by_topic.items():
+            types = {b.type for b in bindings}
+            if len(types) > 1:
+                raise ConfigurationError(f"topic {topic!r} is bound with different types {sorted(types)}")
+            callback = self._make_callback(bindings)
+            qos = sensor_qos()
+            self._entities.append(
+                self.create_subscription(
+                    messages.message_type(bindings[0].type), topic, callback, qos, callback_group=group
+                )
+            )
+
+    def _destroy_entities(self) -> None:
+        for entity in self._entities:
+            if isinstance(entity, Publisher):
+                self.destroy_publisher(entity)
+            else:
+                self.destroy_subscription(entity)
+        self._entities = []
+
+    def on_activate(self, state: Any) -> TransitionCallbackReturn:
+        with self._lock:
+            self._new_episode()
+            self.active = self.enabled = True
+            self._control_timer = self.create_timer(
+                1.0 / self.control_hz, self._tick, MutuallyExclusiveCallbackGroup()
+            )
+        self.get_logger().info(f"active: {self.command_type} commands on {self.command_topic}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: Any) -> TransitionCallbackReturn:
+        self._stop("deactivated")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: Any) -> TransitionCallbackReturn:
+        self._stop("cleaned up")
+        self._destroy_entities()
+        self.policy = None
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: Any) -> TransitionCallbackReturn:
+        self._stop("shut down")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: Any) -> TransitionCallbackReturn:
+        self._stop("error")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop(self, why: str) -> None:
+        """Stop the control loop and send the safe command once (if control was running)."""
+        with self._lock:
+            if self._control_timer is not None:
+                self.destroy_timer(self._control_timer)
+                self._control_timer = None
+            was_active, self.active, self.enabled = self.active, False, False
+            if was_active:
+                self._send_safe_command()
+                self.chunk_executor.close()
+                self.get_logger().info(f"{why}: sent the safe command, control stopped")
+
+    def _new_episode(self) -> None:
+        from robomosaic.policies.rollout import episode_generator
+
+        self.chunk_executor.reset()
+        self.safety.reset()
+        self.episode += 1
+        self._generator = episode_generator(self.seed, self.episode)
+        with self._data_lock:
+            self._fresh = bool(self._latest)
+
+    # -- services -------------------------------------------------------------------------------
+    def _on_enable(self, request: Any, response: Any) -> Any:
+        with self._lock:
+            if not self.active:
+                response.success, response.message = (
+                    False,
+                    f"not active (lifecycle state {self._state_label()})",
+                )
+            elif self.enabled:
+                response.success, response.message = True, "already enabled"
+            else:
+                self._new_episode()  # the old plan and history are stale after a pause
+                self.enabled = True
+                response.success, response.message = True, "enabled: control resumes from a fresh history"
+        return response
+
+    def _on_disable(self, request: Any, response: Any) -> Any:
+        with self._lock:
+            if not self.active:
+                response.success, response.message = (
+                    False,
+                    f"not active (lifecycle state {self._state_label()})",
+                )
+            else:
+                if self.enabled:
+                    self._send_safe_command()
+                self.enabled = False
+                response.success, response.message = True, "disabled: safe command sent, no more commands"
+        return response
+
+    def _on_reset_history(self, request: Any, response: Any) -> Any:
+        with self._lock:
+            if self.policy is None:
+                response.success, response.message = (
+                    False,
+                    f"not configured (lifecycle state {self._state_label()})",
+                )
+            else:
+                self._new_episode()
+                response.success, response.message = True, f"history reset; episode {self.episode}"
+        return response
+
+    def _state_label(self) -> str:
+        return self._state_machine.current_state[1]
+
+    # -- observations ---------------------------------------------------------------------------
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _make_callback(self, bindings: list[messages.TopicBinding]):
+        def callback(msg: Any) -> None:
+            stamp = messages.message_stamp(msg) or self._now()
+            for binding in bindings:
+                try:
+                    value = self._checked(binding, messages.message_to_array(msg, binding))
+                except ValueError as e:
+                    self._counts["bad_messages"] += 1
+                    self.get_logger().error(f"rejected a message: {e}", throttle_duration_sec=2.0)
+                    continue
+                with self._data_lock:
+                    if binding.type == "String":
+                        self.task = value
+                    else:
+                        self._latest[binding.key] = Sample(value, stamp)
+                    self._fresh = True
+
+        return callback
+
+    def _checked(self, binding: messages.TopicBinding, value: Any) -> Any:
+        where = f"observation {binding.key!r} (topic {binding.topic!r})"
+        if binding.type == "String":
+            if value not in self.task_set.tasks:
+                raise ValueError(
+                    f"{where}: task {value!r} is not one of the checkpoint's {list(self.task_set.tasks)}"
+                )
+            return value
+        spec = self.obs_spec[binding.key]
+        value = np.asarray(value, dtype=np.dtype(spec.dtype))
+        expected = spec_shape(binding.key, spec, self.task_set)
+        if expected is None:
+            if value.ndim != 1 or value.shape[0] > spec.shape[0]:
+                raise ValueError(f"{where}: got shape {value.shape}, the checkpoint pads up to {spec.shape}")
+        elif value.shape != expected:
+            raise ValueError(f"{where}: got shape {value.shape}, the checkpoint expects {expected}")
+        return value
+
+    def _observe(self) -> None:
+        """Offer the newest sample of every key to the executor once something new arrived."""
+        with self._data_lock:
+            if not self._fresh or (self.task_set is not None and self.task is None):
+                return
+            keys = [k for k in self.bindings if self.bindings[k].type != "String"]
+            if any(k not in self._latest for k in keys):
+                return
+            self._fresh = False
+            samples = {k: self._latest[k] for k in keys}
+            task = self.task
+        obs = {k: s.value for k, s in samples.items()}
+        if self.task_set is not None:
+            obs = self.task_set.adapt(obs, task)
+        self.chunk_executor.observe(obs, min(s.stamp for s in samples.values()))
+
+    def newest_obs_age(self) -> float | None:
+        with self._data_lock:
+            if not self._latest:
+                return None
+            return self._now() - min(s.stamp for s in self._latest.values())
+
+    # -- control --------------------------------------------------------------------------------
+    def _predict(self, history: dict[str, np.ndarray], committed: np.ndarray | None) -> np.ndarray:
+        return self.policy.predict_chunk(history, committed, generator=self._generator)
+
+    def _tick(self) -> None:
+        with self._lock:
+            if not self.active:
+                return
+            now = self._now()
+            self._tick_times.append(time.monotonic())
+            del self._tick_times[: -10 * int(self.control_hz) - 1]
+            self._observe()
+            if not self.enabled:
+                return
+            try:
+                action, status = self.chunk_executor.act(now)
+            except (RuntimeError, ValueError) as e:  # inference failed or returned a wrong shape
+                self._counts["inference_errors"] += 1
+                self.get_logger().error(f"inference: {e} ({e.__cause__!r}); sending the safe command")
+                self._send_safe_command()
+                return
+            command, _ = self.safety(action, hold=status != "ok")
+            self._publish(command, plan=status == "ok", now=now)
+
+    def _send_safe_command(self) -> None:
+        command, _ = self.safety(np.zeros(self.action_dim), hold=True)
+        self._publish(command, plan=False, now=self._now())
+
+    def _publish(self, command: np.ndarray, plan: bool, now: float) -> None:
+        if self.command_type == "forward":
+            self._command_pub.publish(messages.float64_array_msg(command))
+        elif self.command_type == "twist":
+            self._command_pub.publish(messages.twist_msg(command))
+        else:
+            points = command[None]
+            if plan and self.chunk_executor.chunks:
+                # The rest of the current plan, so a trajectory controller can run on between messages
+                # (with blend=ensemble this is the newest chunk's plan, not the blend).
+                chunk = self.chunk_executor.chunks[-1]
+                future = chunk.actions[chunk.index_at(now, self.chunk_executor.config.dt) + 1 :]
+                points = np.vstack([points, self.safety.limit_chunk(future, command)])
+            msg = messages.joint_trajectory_msg(
+                points, self.joint_names, 1.0 / self.control_hz, seconds_to_stamp(now)
+            )
+            self._command_pub.publish(msg)
+
+    # -- diagnostics ----------------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        with self._lock:
+            values = {
+                "lifecycle_state": self._state_label(),
+                "enabled": str(self.enabled),
+                "episode": str(self.episode),
+            }
+            level, message = DiagnosticStatus.OK, "controlling" if self.active and self.enabled else "idle"
+            if self.policy is not None:
+                stats = self.chunk_executor.stats
+                latencies = stats.latencies[-LATENCY_WINDOW:]
+                age = self.newest_obs_age()
+                periods = np.diff(self._tick_times)
+                values.update(
+                    {
+                        "inference_latency_p50_ms": _percentile_ms(latencies, 50),
+                        "inference_latency_p99_ms": _percentile_ms(latencies, 99),
+                        "deadline_misses": str(stats.deadline_misses),
+                        "newest_obs_age_ms": "nan" if age is None else f"{1000 * age:.1f}",
+                        "rejected_obs": str(stats.rejected_obs),
+                        "rejected_chunks": str(stats.rejected_chunks),
+                        "dropped_actions": str(stats.dropped_actions),
+                        "chunks": str(stats.chunks),
+                        "control_steps": str(stats.steps),
+                        "control_period_p99_ms": _percentile_ms(periods, 99),
+                        "task": str(self.task or ""),
+                        **{f"holds_{reason}": str(n) for reason, n in sorted(stats.held.items())},
+                        **{f"safety_{k}": str(v) for k, v in sorted(self.safety.stats.by_status.items())},
+                        **{k: str(v) for k, v in self._counts.items()},
+                    }
+                )
+                if (
+                    self.active
+                    and self.enabled
+                    and (stats.deadline_misses or stats.held or stats.rejected_obs)
+                ):
+                    level, message = DiagnosticStatus.WARN, "holding or rejecting observations (see values)"
+            if self.last_error:
+                level, message = DiagnosticStatus.ERROR, self.last_error
+        status = DiagnosticStatus(
+            level=level,
+            name=f"robomosaic policy: {self.get_fully_qualified_name()}",
+            message=message,
+            hardware_id=str(self._param("checkpoint")),
+            values=[KeyValue(key=k, value=v) for k, v in values.items()],
+        )
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diagnostics.publish(array)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """robomosaic-policy-node (standard ROS arguments: --ros-args -p checkpoint:=... --params-file f.yaml)."""
+    rclpy.init(args=list(sys.argv if argv is None else ["robomosaic-policy-node", *argv]))
+    node = PolicyNode()
+    if node.get_parameter("autostart").value:
+        if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            node.destroy_node()
+            rclpy.try_shutdown()
+            raise SystemExit(f"robomosaic-policy-node: autostart: {node.last_error}")
+        node.trigger_activate()
+    spin_node(node, executor_threads=3)
+
+
+if __name__ == "__main__":
+    main()

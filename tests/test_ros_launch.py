@@ -76,7 +76,7 @@ def test_sim_arm_policy_launch_file():
         ),
         (
             "quadrotor_sim.launch.xml",
-            ["control_hz:=200.0", "vehicle:=x500"],
+            ["control_hz:=200.0", "vehicle:=crazyflie"],
             ["quadrotor_sim", "quadrotor_controller"],
         ),
         ("policy_robot.launch.xml", [f"checkpoint:={CHECKPOINT}", "namespace:=arm1"], ["policy"]),

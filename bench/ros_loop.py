@@ -20,6 +20,12 @@ are busy) it measures, at 100 Hz:
 
 ROS overhead = ROS latency - in-process latency (p50 and p99). Targets (issue 6): overhead p99 < 5 ms,
 period jitter p99 < 2 ms idle, no deadline misses idle. Domain ROS_DOMAIN_ID 16.
+
+The arm (``--arm CHECKPOINT``, e.g. tests/assets/lift_flow; 20 Hz): robomosaic-sim-node (lift, real
+time) and robomosaic-policy-node (config/sim_arm_policy.yaml: JointTrajectory chunks every control
+period) for ``--seconds``; the chunk policy computes ahead of time, so its latency is the inference time
+inside the node (its diagnostics) against the same ``predict_chunk`` called in-process on a lift
+observation; period jitter of the command arrivals here and the node's deadline misses.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Odometry
 from rclpy.executors import SingleThreadedExecutor
 from std_msgs.msg import Float32MultiArray
+from trajectory_msgs.msg import JointTrajectory
 
 from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos
 from robomosaic.ros_nodes.messages import odometry_msg
@@ -230,7 +237,9 @@ def ros_jitter(bench: Bench, checkpoint: Path, seconds: float) -> dict[str, obje
     }
 
 
-def run_condition(name: str, checkpoint: Path, seconds: float, bench: Bench) -> dict[str, object]:
+def run_condition(
+    name: str, checkpoint: Path, seconds: float, bench: Bench, arm: Path | None
+) -> dict[str, object]:
     load = None
     if name == "load":
         env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
@@ -241,11 +250,97 @@ def run_condition(name: str, checkpoint: Path, seconds: float, bench: Bench) -> 
             "ros": ros_latency(bench, checkpoint, seconds),
             "timer": ros_jitter(bench, checkpoint, seconds),
         }
+        if arm is not None:
+            result["arm"] = {"in_process": arm_in_process(arm, 20), "ros": arm_ros(bench, arm, seconds)}
     finally:
         if load is not None:
             load.kill()
             load.wait()
     return result
+
+
+def arm_in_process(checkpoint: Path, calls: int) -> dict[str, object]:
+    from robomosaic.policies.checkpoint import load_policy
+    from robomosaic.sim.tasks import make_task
+
+    policy = load_policy(checkpoint)
+    obs = make_task("lift").reset(1_000_000)
+    history = {k: np.stack([np.asarray(v)] * policy.n_obs_steps) for k, v in obs.items()}
+    policy.predict_chunk(history)  # warm-up, as the node does
+    latency = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        policy.predict_chunk(history)
+        latency.append(time.perf_counter() - start)
+    return {"latency": stats_ms(latency)}
+
+
+def arm_ros(bench: Bench, checkpoint: Path, seconds: float) -> dict[str, object]:
+    sim = [sys.executable, "-m", "robomosaic.ros_nodes.sim_node", "--ros-args", "-r", "__node:=sim"]
+    sim += ["-p", "task:=lift", "-p", "step_mode:=realtime", "-p", "seed:=1000000"]
+    policy = [sys.executable, "-m", "robomosaic.ros_nodes.policy_node", "--ros-args", "-r", "__node:=policy"]
+    policy += ["--params-file", str(REPO / "config/sim_arm_policy.yaml"), "-p", f"checkpoint:={checkpoint}"]
+    policy += ["-p", "autostart:=true"]  # the file's trajectory commands
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, cwd=REPO) for args in (sim, policy)]
+    arrivals: list[float] = []
+    diagnostics: dict[str, str] = {}
+
+    def on_command(msg: JointTrajectory) -> None:
+        arrivals.append(time.monotonic())
+
+    def on_diagnostics(msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if "inference_latency_p50_ms" in {kv.key for kv in status.values}:
+                diagnostics.update({kv.key: kv.value for kv in status.values})
+
+    subscriptions = [
+        bench.node.create_subscription(
+            JointTrajectory, "/joint_trajectory_controller/joint_trajectory", on_command, command_qos()
+        ),
+        bench.node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10),
+    ]
+    try:
+        deadline = time.monotonic() + 180
+        while len(arrivals) < 20:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError("the arm sim and policy nodes did not start commanding")
+            time.sleep(0.1)
+        start = len(arrivals)
+        time.sleep(seconds)
+        window = arrivals[start:]
+        time.sleep(1.2)  # one more diagnostics message
+    finally:
+        for sub in subscriptions:
+            bench.node.destroy_subscription(sub)
+        for p in procs:
+            stop(p)
+    return {
+        "arrival_jitter": stats_ms(jitter(window, 1 / 20)),
+        "inference_p50": float(diagnostics.get("inference_latency_p50_ms", "nan")),
+        "inference_p99": float(diagnostics.get("inference_latency_p99_ms", "nan")),
+        "misses": diagnostics.get("deadline_misses", "?"),
+        "steps": diagnostics.get("control_steps", "?"),
+    }
+
+
+def arm_table(results: dict[str, dict[str, object]]) -> str:
+    lines = [
+        "| condition | path | inference p50 / p99 [ms] | ROS overhead p50 / p99 [ms] | "
+        "period jitter p50 / p99 [ms] | deadline misses |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        li, ros = r["in_process"]["latency"], r["ros"]
+        aj = ros["arrival_jitter"]
+        lines.append(f"| {name} | in-process predict_chunk | {li['p50']:.1f} / {li['p99']:.1f} | — | — | — |")
+        lines.append(
+            f"| {name} | ROS policy node (inference in the node; command arrivals here) | "
+            f"{ros['inference_p50']:.1f} / {ros['inference_p99']:.1f} | "
+            f"{ros['inference_p50'] - li['p50']:.1f} / {ros['inference_p99'] - li['p99']:.1f} | "
+            f"{aj['p50']:.2f} / {aj['p99']:.2f} | {ros['misses']} of {ros['steps']} |"
+        )
+    return "\n".join(lines)
 
 
 def table(results: dict[str, dict[str, object]]) -> str:
@@ -285,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conditions", default="idle,load")
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=REPO / "docs/results/ros.md")
+    parser.add_argument("--arm", type=Path, default=None, help="a lift checkpoint: also bench the arm")
     args = parser.parse_args(argv)
     checkpoint = args.checkpoint or default_checkpoint()
     if not (checkpoint / "spec.json").is_file() and checkpoint.suffix != ".npz":
@@ -295,11 +391,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for name in args.conditions.split(","):
             print(f"ros_loop: {name} ...", flush=True)
-            results[name] = run_condition(name, checkpoint, args.seconds, bench)
+            results[name] = run_condition(name, checkpoint, args.seconds, bench, args.arm)
     finally:
         bench.close()
         rclpy.shutdown()
     text = table(results)
+    if args.arm is not None:
+        arm = arm_table({name: r["arm"] for name, r in results.items()})
+        text += f"\n\n## Arm: {args.arm} at 20 Hz\n\n" + arm
     print(text)
     worst = {
         name: r["ros"]["latency"]["p99"] - r["in_process"]["latency"]["p99"] for name, r in results.items()
@@ -314,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         "# ROS 2 control loop: RAPTOR quadrotor controller at 100 Hz\n\n"
-        f"Produced by `python bench/ros_loop.py --seconds {args.seconds:g} --conditions {args.conditions}` "
+        f"Produced by `python bench/ros_loop.py --seconds {args.seconds:g} --conditions {args.conditions}"
+        f"{f' --arm {args.arm}' if args.arm else ''}` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, load average "
         f"{load[0]:.1f} at the end; FastDDS, rclpy from PyPI). See the script's docstring for what each "
         "row measures. Targets: ROS overhead p99 < 5 ms, period jitter p99 < 2 ms idle, no deadline "

@@ -497,3 +497,98 @@ def test_trajectory_commands_and_sigint(robot: Robot) -> None:
     _, _, chunk, _ = messages.joint_trajectory_to_chunk(final)
     assert len(chunk) == 1 and np.all(chunk[0, :6] == 0), "SIGINT must end with the safe command"
     assert "shut down: sent the safe command" in node_log(robot)
+
+
+def tiny_multitask_checkpoint(path: Path) -> Path:
+    """An untrained multitask policy (tasks lift, pick_one; object padded to 5) saved as a checkpoint."""
+    from robomosaic.data.normalizer import Normalizer
+    from robomosaic.policies.denoising_policy import DenoisingPolicy
+
+    task_set = TaskSet(("lift", "pick_one"), 5)
+    obs_spec = task_set.adapt_spec({"eef": KeySpec((3,), "float64"), "object": KeySpec((3,), "float64")})
+    action = KeySpec((7,), "float32", units="normalized [-1, 1]", description="OSC delta, gripper")
+    stats = {
+        k: {"min": -np.ones(n), "max": np.ones(n)} for k, n in (("eef", 3), ("object", 5), ("action", 7))
+    }
+    modes = {"eef": "minmax", "object": "minmax", "action": "minmax", "task_id": "identity"}
+    config = {
+        "unet": {"down_dims": [16, 32], "noise_embed_dim": 16},
+        "encoder": {"state_feature_dim": 16, "state_hidden_dims": [32], "num_tasks": 2},
+        "steps": 2,
+    }
+    policy = DenoisingPolicy(config, obs_spec, action, Normalizer(modes, stats))
+    return policy.save(path, extra_spec={"task_set": task_set.to_dict(), "control_hz": CONTROL_HZ})
+
+
+def test_multitask_task_from_a_string_topic(tmp_path: Path) -> None:
+    """In this process (no subprocess): the task name on a String topic selects the task id, the
+    object state is zero-padded as in training, and an unknown task name is rejected."""
+    import rclpy
+    from geometry_msgs.msg import PoseStamped
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+    from std_msgs.msg import Float64MultiArray, String
+
+    from robomosaic.ros_nodes.policy_node import PolicyNode
+
+    checkpoint = tiny_multitask_checkpoint(tmp_path / "mt")
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    overrides = {
+        "checkpoint": str(checkpoint),
+        "observations.eef.topic": "/mt/eef",
+        "observations.eef.type": "PoseStamped",
+        "observations.eef.field": "position",
+        "observations.object.topic": "/mt/object",
+        "observations.object.type": "Float64MultiArray",
+        "observations.task_id.topic": "/mt/task",
+        "observations.task_id.type": "String",
+        "command_type": "forward",
+        "command_topic": "/mt/commands",
+    }
+    node = PolicyNode(
+        "mt_policy",
+        context=context,
+        parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()],
+    )
+    probe = rclpy.create_node("mt_probe", context=context)
+    commands: list[np.ndarray] = []
+    probe.create_subscription(
+        Float64MultiArray, "/mt/commands", lambda m: commands.append(np.asarray(m.data)), command_qos()
+    )
+    eef = probe.create_publisher(PoseStamped, "/mt/eef", sensor_qos())
+    obj = probe.create_publisher(Float64MultiArray, "/mt/object", sensor_qos())
+    task = probe.create_publisher(String, "/mt/task", command_qos())
+    executor = MultiThreadedExecutor(num_threads=3, context=context)
+    executor.add_node(node)
+    executor.add_node(probe)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    try:
+        from rclpy.lifecycle import TransitionCallbackReturn
+
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.last_error
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+
+        def publish_for(seconds: float) -> None:
+            end = time.time() + seconds
+            while time.time() < end:
+                eef.publish(messages.pose_stamped_msg([0.1, 0.2, 0.3], [0, 0, 0, 1], "world", time.time()))
+                obj.publish(messages.float64_array_msg([0.5, -0.5, 0.25]))
+                time.sleep(PERIOD)
+
+        publish_for(0.5)  # no task yet: nothing is offered to the policy
+        assert node.chunk_executor.stats.chunks == 0 and commands and all(is_hold(c) for c in commands)
+        task.publish(String(data="pick_one"))
+        wait_until(lambda: node.chunk_executor.stats.chunks > 0 or publish_for(0.2), 20.0, "a chunk")
+        newest = node.chunk_executor.history[-1]
+        assert newest["task_id"] == 1 and np.array_equal(newest["object"], [0.5, -0.5, 0.25, 0.0, 0.0])
+        bad = node._counts["bad_messages"]
+        task.publish(String(data="door"))
+        wait_until(lambda: node._counts["bad_messages"] > bad, 5.0, "the unknown task to be rejected")
+        assert node.task == "pick_one"
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        probe.destroy_node()
+        context.try_shutdown()

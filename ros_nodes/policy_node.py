@@ -24,6 +24,10 @@ Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
   dx dy dz droll dpitch dyaw gripper)
 - `control_hz` (default: the checkpoint's), `n_action_steps` (default: the checkpoint's), `blend`
   none | ensemble | rtc, `deadline` (s, default one replan period), `max_obs_age` (s, default 0.2)
+- `inference` threaded (default: a background thread, the control tick never waits; for robots) |
+  simulated (the chunk is computed inside the control tick and released `inference_delay` seconds
+  of node time later, as robomosaic-eval does: with a commanded simulator on `use_sim_time`,
+  results do not depend on how loaded the machine is)
 - `action_min`, `action_max`, `max_delta` (one value per action dimension, or one for all;
   defaults: [-1, 1] for actions whose spec says "normalized [-1, 1]", no rate limit),
   `gripper_dims` (dimensions that keep their last value in the safe command; default: the last
@@ -95,6 +99,8 @@ PARAMETERS: dict[str, Any] = {
     "control_hz": None,
     "n_action_steps": None,
     "blend": "none",
+    "inference": "threaded",
+    "inference_delay": 0.0,
     "deadline": None,
     "max_obs_age": 0.2,
     "action_min": None,
@@ -272,7 +278,12 @@ class PolicyNode(LifecycleNode):
         import torch
 
         from robomosaic.policies.checkpoint import load_policy, read_checkpoint
-        from robomosaic.policies.executor import ChunkExecutor, ExecutorConfig, ThreadedInference
+        from robomosaic.policies.executor import (
+            ChunkExecutor,
+            DelayedInference,
+            ExecutorConfig,
+            ThreadedInference,
+        )
 
         path = str(self._param("checkpoint"))
         if not path:
@@ -362,8 +373,18 @@ class PolicyNode(LifecycleNode):
             raise ConfigurationError(f"parameter action_min/action_max/max_delta/gripper_dims: {e}") from None
 
         self.seed = int(self._param("seed"))
+        inference, delay = str(self._param("inference")), float(self._param("inference_delay"))
+        if inference == "threaded":
+            runner = ThreadedInference(self._predict)
+        elif inference == "simulated" and delay >= 0:
+            runner = DelayedInference(self._predict, delay)
+        else:
+            raise ConfigurationError(
+                f"parameter inference: {inference!r} (inference_delay {delay}) is not 'threaded' or "
+                "'simulated' with inference_delay >= 0"
+            )
         self.chunk_executor = ChunkExecutor(
-            ThreadedInference(self._predict),
+            runner,
             config,
             self.action_dim,
             hold=lambda last: self.safety.safe_command(),

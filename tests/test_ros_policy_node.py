@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("rclpy")
-os.environ["ROS_DOMAIN_ID"] = "11"  # this file's own DDS domain (tests of other nodes use others)
 
 from robomosaic.data.multitask import TaskSet
 from robomosaic.data.spec import KeySpec
@@ -28,6 +27,9 @@ from robomosaic.ros_nodes import messages
 from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos
 from robomosaic.ros_nodes.safety import SafetyFilter
 
+# This file's own DDS domain, passed explicitly (to the node's environment and to every rclpy context):
+# os.environ is shared by every test module pytest imports.
+DOMAIN = 11
 CHECKPOINT = Path(__file__).parent / "assets" / "lift_flow"  # trained lift policy (read-only)
 NODE = "policy_under_test"
 CONTROL_HZ = 20.0
@@ -169,7 +171,7 @@ class Robot:
         from trajectory_msgs.msg import JointTrajectory
 
         self.context = rclpy.Context()
-        rclpy.init(context=self.context)
+        rclpy.init(context=self.context, domain_id=DOMAIN)
         self.node = rclpy.create_node("robot_probe", context=self.context)
         self.lock = threading.Lock()
         self.forward: list[tuple[float, np.ndarray]] = []
@@ -311,7 +313,7 @@ def robot(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("policy_node")
     log = open(tmp / "node.log", "w+")  # noqa: SIM115 (read back by the tests)
     params = write_params(tmp / "params.yaml")
-    env = {**os.environ, "ROS_DOMAIN_ID": "11", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "robomosaic.ros_nodes.policy_node", "--ros-args", "-r", f"__node:={NODE}"]
     process = subprocess.Popen(
         [*cmd, "--params-file", str(params)], stdout=log, stderr=subprocess.STDOUT, env=env
@@ -482,8 +484,9 @@ def test_trajectory_commands_and_sigint(robot: Robot) -> None:
     # a trajectory carries the rest of the plan when a chunk covers now (see the normal path)
     wait_until(lambda: len(plans()) >= 5, 12.0, "5 trajectories with a plan")
     with robot.lock:
-        received = [m for r, m in robot.trajectories if r >= start]
-    assert len(received) >= 0.5 * (time.time() - start) * CONTROL_HZ
+        received = [r for r, _ in robot.trajectories if r >= start]
+    # one message per control period (at least half of them arrive on a loaded machine)
+    assert len(received) - 1 >= 0.5 * (received[-1] - received[0]) * CONTROL_HZ
     for msg in plans():
         t0, dt, chunk, names = messages.joint_trajectory_to_chunk(msg)
         assert names[0] == "dx" and dt == pytest.approx(PERIOD) and t0 > start - 1
@@ -533,7 +536,7 @@ def test_multitask_task_from_a_string_topic(tmp_path: Path) -> None:
 
     checkpoint = tiny_multitask_checkpoint(tmp_path / "mt")
     context = rclpy.Context()
-    rclpy.init(context=context)
+    rclpy.init(context=context, domain_id=DOMAIN)
     overrides = {
         "checkpoint": str(checkpoint),
         "observations.eef.topic": "/mt/eef",

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 import torch
 
-os.environ["ROS_DOMAIN_ID"] = "14"
 rclpy = pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
@@ -50,6 +49,9 @@ from robomosaic.ros_nodes.quadrotor_sim_node import QuadrotorSimulator, vehicle_
 from robomosaic.sim.quadrotor import dynamics  # noqa: E402
 from robomosaic.sim.quadrotor.params import PRESETS  # noqa: E402
 
+# This file's own DDS domain, passed explicitly (node environments, rclpy.init): os.environ is
+# shared by every test module pytest imports.
+DOMAIN = 14
 REPO = Path(__file__).resolve().parents[1]
 STAMP = seconds_to_stamp(0.0)
 
@@ -151,7 +153,7 @@ class Processes:
         for key, value in params.items():
             text = str(value).lower() if isinstance(value, bool) else str(value)
             args += ["-p", f"{key}:={text}"]
-        env = {**os.environ, "ROS_DOMAIN_ID": "14", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         log = open(self.log_dir / f"{module}.log", "w")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         self.procs.append((module, proc))
@@ -243,7 +245,7 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def ros():
-    rclpy.init()
+    rclpy.init(domain_id=DOMAIN)
     try:
         yield
     finally:

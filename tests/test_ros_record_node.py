@@ -37,7 +37,6 @@ from robomosaic.data.sampler import SequenceSampler  # noqa: E402
 from robomosaic.data.store import EpisodeStore  # noqa: E402
 
 DOMAIN_ID = 13  # this file's DDS domain (one per test file, so parallel tests never cross-talk)
-os.environ["ROS_DOMAIN_ID"] = str(DOMAIN_ID)
 HZ = 20.0
 FINGERS = ["gripper0_right_finger_joint1", "gripper0_right_finger_joint2"]
 OBS_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object", "operator"]
@@ -103,6 +102,8 @@ class Teleop:
         self.status: dict = {}
         self.watch: list[subprocess.Popen] = []  # node processes whose death fails a call at once
         self.node.create_subscription(String, "/recorder/status", self._on_status, LATCHED)
+        self.last_moving_twist = 0.0  # monotonic time of the last non-zero Twist seen on /cmd_vel
+        self.node.create_subscription(Twist, "/cmd_vel", self._on_twist, 10)
         self.velocity = np.zeros(6)
         self.node.create_timer(1.0 / HZ, self._publish_twist)
         self.operator_pub = self.node.create_publisher(Float64MultiArray, "/operator_state", 10)
@@ -117,6 +118,10 @@ class Teleop:
 
     def _on_status(self, msg: String) -> None:
         self.status = json.loads(msg.data)
+
+    def _on_twist(self, msg: Twist) -> None:
+        if any((msg.linear.x, msg.linear.y, msg.linear.z, msg.angular.x, msg.angular.y, msg.angular.z)):
+            self.last_moving_twist = time.monotonic()
 
     def _publish_twist(self) -> None:
         if self.velocity is None:  # the keyboard teleop drives
@@ -330,7 +335,12 @@ def test_records_teleop_episodes_and_survives_sigkill(graph) -> None:
         for _ in range(20):  # a held key repeats
             os.write(master, b"w")
             time.sleep(0.1)
-        time.sleep(1.0)  # released: the teleop sends zero velocity
+        # released: the teleop sends zero velocity (once it has read every repeated key: on a loaded
+        # machine it may lag behind the pseudo terminal)
+        end = time.monotonic() + 20.0
+        while time.monotonic() - teleop.last_moving_twist < 1.0:
+            assert time.monotonic() < end, "the keyboard teleop kept sending motion"
+            time.sleep(0.1)
         os.write(master, b"2")
         teleop.wait_status(lambda status: not status["recording"])
         os.write(master, b"q")

@@ -37,7 +37,6 @@ from robomosaic.ros_nodes import messages  # noqa: E402
 from robomosaic.ros_nodes.sim_node import ACTION_NAMES  # noqa: E402
 
 DOMAIN_ID = 12  # this file's DDS domain (docs: one per test file, so parallel tests never cross-talk)
-os.environ["ROS_DOMAIN_ID"] = str(DOMAIN_ID)
 SEED = 1_000_000
 DT = 0.05
 ARM_JOINTS = [f"robot0_joint{i}" for i in range(1, 8)]

@@ -42,6 +42,12 @@ from robomosaic.policies.checkpoint import load_policy
 from robomosaic.policies.networks import ModeDenoiser, MoEFeedForward
 
 VARIANTS = {"mode": "MoDE (noise router)", "dense": "dense, equal active", "token": "token router"}
+# policy.mode overrides of each variant (the training commands above)
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "mode": {},
+    "dense": {"num_experts": 1, "top_k": 1, "expert_hidden": 512},
+    "token": {"router": "token"},
+}
 
 
 def load_reports(evals: dict[str, Path]) -> dict[str, dict[str, Any]]:
@@ -57,6 +63,18 @@ def load_reports(evals: dict[str, Path]) -> dict[str, dict[str, Any]]:
     if any(t != tasks[0] for t in tasks):
         raise SystemExit(f"mode_multitask: the reports cover different tasks: {tasks}")
     return reports
+
+
+def variant(mode: Any, name: str, checkpoint: Path) -> Any:
+    """The variant's policy: its checkpoint, or (for parameter counts only, when the checkpoint is
+    gone) an untrained network built from MoDE's config with the variant's overrides."""
+    if name == "mode":
+        return mode
+    if (checkpoint / "spec.json").is_file():
+        return load_policy(checkpoint)
+    print(f"{checkpoint} is missing: counting {name}'s parameters on an untrained network")
+    config = {**mode.config, "mode": {**mode.config["mode"], **OVERRIDES[name]}}
+    return type(mode)(config, mode.obs_spec, mode.action_spec, mode.normalizer)
 
 
 def parameter_counts(policy: Any) -> tuple[int, int]:
@@ -175,12 +193,11 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("docs/results/mode.md"))
     args = parser.parse_args()
     reports = load_reports({n: getattr(args, f"{n}_eval") for n in VARIANTS})
-    policies = {n: load_policy(getattr(args, n)) for n in VARIANTS}
-    params = {n: parameter_counts(p) for n, p in policies.items()}
+    mode = load_policy(args.mode)
+    params = {n: parameter_counts(variant(mode, n, getattr(args, n))) for n in VARIANTS}
     lines = table(reports, params)
     print("\n".join(lines))
 
-    mode = policies["mode"]
     sigma_min, sigma_max = mode.process.sigma_min, mode.process.sigma_max
     sigmas = np.geomspace(sigma_min, sigma_max, 200)
     usage = expert_usage(mode, sigmas)

@@ -32,12 +32,12 @@ import yaml
 
 pytest.importorskip("rclpy")
 
-from test_ros_sim_node import start_node, stop_node
+from ros_processes import start_node, stop_node
 
 CHECKPOINT = Path(__file__).parent / "assets" / "lift_flow"
 # The observation topics of the launch file's parameter file: the mapping users start from.
 POLICY_PARAMS = Path(__file__).parents[1] / "config" / "sim_arm_policy.yaml"
-DOMAIN_ID = 12  # shared with test_ros_sim_node (run one after the other, never in parallel)
+DOMAIN_ID = 17  # this file's DDS domain, passed explicitly (ros_processes)
 EPISODES = 10
 SEED_OFFSET = 1_000_000  # robomosaic-eval's default: reported evaluations start there
 
@@ -56,13 +56,13 @@ def test_lift_success_through_ros_matches_in_process(tmp_path: Path) -> None:
     start = time.perf_counter()
     sim = start_node(
         "sim_node", "-r", "__node:=sim", "-p", "task:=lift", "-p", "step_mode:=commanded",
-        "-p", f"seed:={SEED_OFFSET}",
+        "-p", f"seed:={SEED_OFFSET}", domain=DOMAIN_ID,
     )  # fmt: skip
     params = policy_parameters(tmp_path / "policy.yaml")
     policy = start_node(
         "policy_node", "-r", "__node:=policy", "--params-file", str(params),
         "-p", f"checkpoint:={CHECKPOINT}", "-p", "autostart:=true", "-p", "use_sim_time:=true",
-        "-p", "inference:=simulated",
+        "-p", "inference:=simulated", domain=DOMAIN_ID,
     )  # fmt: skip
     report = tmp_path / "ros_eval.json"
     try:

@@ -16,7 +16,6 @@ import os
 import pty
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ros_processes
 
 rclpy = pytest.importorskip("rclpy")
 
@@ -63,27 +63,7 @@ LATCHED = QoSProfile(
 
 
 def start_node(module: str, *ros_args: str, stdin: int | None = None) -> subprocess.Popen:
-    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN_ID), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", f"robomosaic.ros_nodes.{module}", "--ros-args", *ros_args],
-        env=env,
-        stdin=stdin,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def stop_node(process: subprocess.Popen) -> str:
-    """SIGINT, then SIGKILL after 5 s; the node's output (for failure messages)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    out, _ = process.communicate(timeout=5)
-    return out
+    return ros_processes.start_node(module, *ros_args, domain=DOMAIN_ID, stdin=stdin)
 
 
 class Teleop:
@@ -145,7 +125,7 @@ class Teleop:
         end = time.monotonic() + timeout
         while not client.wait_for_service(timeout_sec=0.2):
             dead = [p for p in self.watch if p.poll() is not None]
-            assert not dead, f"a node exited:\n{dead[0].communicate()[0]}"
+            assert not dead, f"a node exited:\n{ros_processes.node_output(dead[0])}"
             assert time.monotonic() < end, f"/recorder/{name} not available"
         request = client.srv_type.Request()
         if data is not None:
@@ -190,7 +170,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Teleop, Pa
     finally:
         teleop.close()
         for process in processes:
-            out = stop_node(process)
+            out = ros_processes.stop_node(process)
             if process.returncode not in (0, -signal.SIGINT, -signal.SIGKILL):
                 print(out)
 

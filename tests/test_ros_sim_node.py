@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+import ros_processes
 
 rclpy = pytest.importorskip("rclpy")
 
@@ -47,27 +45,8 @@ LATCHED = QoSProfile(
 )
 
 
-def start_node(module: str, *ros_args: str) -> subprocess.Popen:
-    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN_ID), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", f"robomosaic.ros_nodes.{module}", "--ros-args", *ros_args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def stop_node(process: subprocess.Popen) -> str:
-    """SIGINT, then SIGKILL after 5 s; the node's output (for failure messages)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    out, _ = process.communicate(timeout=5)
-    return out
+def start_node(module: str, *ros_args: str, stdin: int | None = None) -> subprocess.Popen:
+    return ros_processes.start_node(module, *ros_args, domain=DOMAIN_ID, stdin=stdin)
 
 
 class Probe:
@@ -157,6 +136,16 @@ class Probe:
             publish()
             time.sleep(1.0 / rate)
 
+    def publish_steps(self, steps: int, publish: Callable[[], None], timeout: float = 15.0) -> None:
+        """Publish at 20 Hz until the sim has taken `steps` more steps (the realtime sim steps slower
+        than 20 Hz on a loaded machine, so a fixed duration would move it less)."""
+        target = self.status()["step"] + steps
+        end = time.monotonic() + timeout
+        while self.status()["step"] < target:
+            assert time.monotonic() < end, f"the sim took fewer than {steps} steps in {timeout} s"
+            publish()
+            time.sleep(0.05)
+
     def close(self) -> None:
         self.executor.shutdown()
         self.node.destroy_node()
@@ -205,7 +194,7 @@ def test_commanded_mode_steps_once_per_command_with_simulated_clock_images_and_e
         assert status["time"] == pytest.approx(t0 + 6 * DT, abs=1e-6)  # a reset takes one period
     finally:
         probe.close()
-        print(stop_node(process)[-3000:])
+        print(ros_processes.stop_node(process)[-3000:])
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +208,7 @@ def realtime() -> Iterator[Probe]:
         yield probe
     finally:
         probe.close()
-        output = stop_node(process)
+        output = ros_processes.stop_node(process)
         print(output[-3000:])
 
 
@@ -250,11 +239,11 @@ def test_topics_types_shapes_and_rate(realtime: Probe) -> None:
 
 def test_forward_command_moves_the_end_effector_and_stopping_stops_it(realtime: Probe) -> None:
     before = realtime.eef()
-    realtime.publish_for(1.5, forward(realtime, [0.0, 0.0, 0.6, 0.0, 0.0, 0.0, 0.0]))  # up
+    realtime.publish_steps(30, forward(realtime, [0.0, 0.0, 0.6, 0.0, 0.0, 0.0, 0.0]))  # up
     up = realtime.eef()
     assert up[2] - before[2] > 0.05, (before, up)
     assert np.all(np.abs(up[:2] - before[:2]) < 0.02), (before, up)
-    realtime.publish_for(1.5, forward(realtime, [0.0, -0.6, 0.0, 0.0, 0.0, 0.0, 0.0]))  # -y
+    realtime.publish_steps(30, forward(realtime, [0.0, -0.6, 0.0, 0.0, 0.0, 0.0, 0.0]))  # -y
     side = realtime.eef()
     assert up[1] - side[1] > 0.05, (up, side)
     # Commands stop: after command_timeout (0.2 s) the arm holds still.
@@ -281,7 +270,7 @@ def test_trajectory_and_twist_commands(realtime: Probe) -> None:
     assert np.abs(realtime.eef() - moved).max() < 0.005  # exhausted chunk: zero motion
     down = Twist()
     down.linear.z = -0.5  # m/s
-    realtime.publish_for(1.0, lambda: realtime.twist.publish(down))
+    realtime.publish_steps(20, lambda: realtime.twist.publish(down))
     assert moved[2] - realtime.eef()[2] > 0.05
 
 

@@ -1,0 +1,50 @@
+"""Node processes for the ROS 2 tests: each test file passes its own DDS domain explicitly (pytest
+imports every test module into one process, so os.environ cannot isolate them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+
+def start_node(module: str, *ros_args: str, domain: int, stdin: int | None = None) -> subprocess.Popen:
+    """`python -m robomosaic.ros_nodes.<module> --ros-args ...` on DDS domain `domain`.
+
+    The output goes to a temporary file, not a pipe: a pipe nobody reads until the end fills up
+    (64 KiB of log lines on a loaded machine) and then blocks the node mid-run."""
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "OMP_NUM_THREADS": "1"}
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by stop_node)
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"robomosaic.ros_nodes.{module}", "--ros-args", *ros_args],
+        env=env,
+        stdin=stdin,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    process.log = log  # type: ignore[attr-defined]
+    return process
+
+
+def node_output(process: subprocess.Popen) -> str:
+    """What the node has printed so far."""
+    process.log.flush()  # type: ignore[attr-defined]
+    process.log.seek(0)  # type: ignore[attr-defined]
+    return process.log.read()  # type: ignore[attr-defined]
+
+
+def stop_node(process: subprocess.Popen) -> str:
+    """SIGINT, then SIGKILL after 5 s; the node's output (for failure messages)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    out = node_output(process)
+    process.log.close()  # type: ignore[attr-defined]
+    return out

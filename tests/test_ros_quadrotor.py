@@ -283,8 +283,10 @@ def _in_process_rmse(checkpoint: Path) -> float:
 def test_controller_holds_hover_through_ros(processes, probe):
     checkpoint = _checkpoint()
     processes.start("quadrotor_sim_node", vehicle="x500", simulator="mujoco")
-    # max_odom_age 0.1 s: this test is about flying, the failsafe test below about the age limit
-    processes.start("quadrotor_node", checkpoint=checkpoint, armed=True, max_odom_age=0.1)
+    # max_odom_age 0.3 s: this test is about flying, the failsafe test below about the age limit (on a
+    # loaded machine the simulator node stalls up to ~0.1 s, and a failsafe drop mid-flight is a
+    # different experiment)
+    processes.start("quadrotor_node", checkpoint=checkpoint, armed=True, max_odom_age=0.3)
     reference = _in_process_rmse(checkpoint)  # while the nodes start
     setpoint = PoseStamped()
     setpoint.header.frame_id = "odom"

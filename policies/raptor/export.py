@@ -79,7 +79,9 @@ def _checked(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
+    # exp(-x) overflows to inf for x < -88 in float32, and 1 / (1 + inf) = 0 is the right answer
+    with np.errstate(over="ignore"):
+        return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
 
 
 class NumpyStudent:

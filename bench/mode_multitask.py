@@ -165,14 +165,10 @@ def table(reports: dict[str, dict[str, Any]], params: dict[str, tuple[int, int]]
     means = {n: reports[n]["mean_success_rate"] for n in names}
     lines.append(
         "| **mean** | "
-        + " | ".join(f"**{percent(means[n])}**" for n in names)
-        + f" | **{diff(means['mode'], means['dense'])}** | **{diff(means['mode'], means['token'])}** |"
+        + " | ".join(f"**{100 * means[n]:.1f}%**" for n in names)
+        + f" | **{100 * (means['mode'] - means['dense']):+.1f}** "
+        f"| **{100 * (means['mode'] - means['token']):+.1f}** |"
     )
-    latency = [
-        float(np.median([reports[n]["tasks"][t]["executor"]["inference_ms"]["median"] for t in tasks]))
-        for n in names
-    ]
-    lines.append("| inference ms per chunk (median) | " + " | ".join(f"{v:.1f}" for v in latency) + " | | |")
     lines.append(
         "| parameters, total / active (M) | "
         + " | ".join(f"{params[n][0] / 1e6:.2f} / {params[n][1] / 1e6:.2f}" for n in names)
@@ -190,6 +186,12 @@ def main() -> None:
         parser.add_argument(
             f"--{name}-eval", type=Path, default=Path(f"docs/results/eval_{run}.json"), help="eval report"
         )
+    parser.add_argument(
+        "--repeat-eval",
+        type=Path,
+        default=Path("docs/results/eval_mt_mode_first_run.json"),
+        help="optional: the report of another MoDE run with the same command (run-to-run spread)",
+    )
     parser.add_argument("--results", type=Path, default=Path("docs/results/mode.md"))
     args = parser.parse_args()
     reports = load_reports({n: getattr(args, f"{n}_eval") for n in VARIANTS})
@@ -219,6 +221,14 @@ def main() -> None:
     switches = [route_changes(layer_usage) for layer_usage in usage]
 
     command_lines = [f"- {VARIANTS[n]}: `{reports[n]['command']}`" for n in VARIANTS]
+    if args.repeat_eval.is_file():
+        repeat = load_reports({"repeat": args.repeat_eval})["repeat"]
+        per_task = ", ".join(f"{t} {percent(r['success_rate'])}" for t, r in repeat["tasks"].items())
+        command_lines.append(
+            f"- another MoDE run with the same command ({args.repeat_eval.name}; its checkpoint is "
+            f"not kept): mean {percent(repeat['mean_success_rate'])} ({per_task}): the run-to-run "
+            "spread of training on this CPU"
+        )
     text = [
         "# MoDE on four tasks",
         "",
@@ -228,6 +238,9 @@ def main() -> None:
         "and 5000 steps for all three; 50 evaluation seeds per task (1000000–1000049); Wilson 95% intervals.",
         "",
         *lines,
+        "",
+        "Latency is not compared here: the evaluations ran at different times under different machine",
+        "load. [mode_bench.md](mode_bench.md) times the variants side by side.",
         "",
         "Evaluations:",
         *command_lines,

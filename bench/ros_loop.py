@@ -46,6 +46,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Odometry
 from rclpy.executors import SingleThreadedExecutor
 from std_msgs.msg import Float32MultiArray
+from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos
@@ -129,7 +130,9 @@ class Bench:
 
     def _on_command(self, msg: Float32MultiArray) -> None:
         now = time.monotonic()
-        if np.isfinite(np.asarray(msg.data)).all() and any(msg.data):  # control, not failsafe/disarmed
+        # armed commands only (NaN: disarmed). Not "non-zero": on this fake odometry, which does not
+        # respond to the motors, the student may well command every motor to its minimum (all zeros)
+        if np.isfinite(np.asarray(msg.data)).all():
             with self.lock:
                 self.received.append(now)
 
@@ -306,6 +309,19 @@ def arm_ros(bench: Bench, checkpoint: Path, seconds: float) -> dict[str, object]
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the arm sim and policy nodes did not start commanding")
             time.sleep(0.1)
+        while int(diagnostics.get("chunks", 0)) < 3:  # the sim publishes: the policy plans on its data
+            if time.monotonic() > deadline:
+                raise RuntimeError("the policy node computed no chunk from the sim's observations")
+            time.sleep(0.1)
+        # Measure from here: a new episode resets the node's statistics, so the chunks computed while
+        # the sim node was still starting (both processes loading on the CPU) do not count.
+        reset = bench.node.create_client(Trigger, "/policy/reset_history")
+        if not reset.wait_for_service(timeout_sec=10):
+            raise RuntimeError("/policy/reset_history is not available")
+        future = reset.call_async(Trigger.Request())
+        while not future.done():
+            time.sleep(0.01)
+        bench.node.destroy_client(reset)
         start = len(arrivals)
         time.sleep(seconds)
         window = arrivals[start:]

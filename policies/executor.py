@@ -232,6 +232,7 @@ class ChunkExecutor:
         self.runner.close()
         self.history: deque[Obs] = deque(maxlen=self.config.n_obs_steps)
         self.last_stamp: float | None = None
+        self.newest_rejected = False  # the newest observation offered was non-finite
         self.chunks: list[Chunk] = []
         self.last_action: np.ndarray | None = None
         self.last_request: float | None = None
@@ -246,6 +247,7 @@ class ChunkExecutor:
             arr = np.asarray(value)
             if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 self.stats.rejected_obs += 1
+                self.newest_rejected = True
                 return False
         if self.last_stamp is not None and stamp < self.last_stamp:
             self.stats.rejected_obs += 1
@@ -255,6 +257,7 @@ class ChunkExecutor:
             self.history.extend([obs] * (self.config.n_obs_steps - 1))
         self.history.append(obs)
         self.last_stamp = float(stamp)
+        self.newest_rejected = False
         return True
 
     # -- one control period -------------------------------------------------------------------
@@ -266,7 +269,10 @@ class ChunkExecutor:
         if self.last_stamp is None:
             return self._hold("no_observation")
         if now - self.last_stamp > cfg.max_obs_age + 1e-9:
+            self.chunks = []  # the plan was made for a world that may have moved on: never resume it
             return self._hold("stale_observation")
+        if self.newest_rejected:
+            return self._hold("nonfinite_observation")
         if self._needs_chunk(now):
             self._request(now)
             self._collect(now)  # a result may be ready at once (no simulated delay)

@@ -64,8 +64,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def spin_node(node: Any, executor_threads: int = 2) -> None:
-    """Spin `node` on a MultiThreadedExecutor until SIGINT/SIGTERM or an rclpy shutdown, then stop it
+def spin_node(node: Any) -> None:
+    """Spin `node` on a SingleThreadedExecutor until SIGINT/SIGTERM or an rclpy shutdown, then stop it
     safely: a lifecycle node takes its `shutdown` transition (its on_shutdown sends the safe
     command), any other node's `on_shutdown()` is called if it has one, while the context is still
     up so that the safe command is actually published; then the node is destroyed and rclpy shut
@@ -73,10 +73,16 @@ def spin_node(node: Any, executor_threads: int = 2) -> None:
 
     rclpy's own signal handler would shut the context down first, after which nothing can be
     published any more, so SIGINT and SIGTERM are taken over here.
+
+    Why single-threaded: with rclpy's MultiThreadedExecutor in this loop, the quadrotor node on an
+    idle 2-core machine stalled for up to 2 s at a time in 4 of 6 twenty-second runs (138 control
+    steps instead of 2000; bench/ros_loop.py), and never did in 4 runs with a SingleThreadedExecutor.
+    Our callbacks are short; the long work runs on the nodes' own threads (inference, the 100 Hz
+    control loop), which do not need the executor.
     """
     require_rclpy()
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
     stop = threading.Event()
 
@@ -84,7 +90,7 @@ def spin_node(node: Any, executor_threads: int = 2) -> None:
         stop.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    executor = MultiThreadedExecutor(num_threads=executor_threads)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
         # Short waits so the main thread returns to Python and runs the signal handler promptly.

@@ -23,7 +23,8 @@ Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
   `trajectory_joint_names` (one per action dimension; default for 7-d arm actions:
   dx dy dz droll dpitch dyaw gripper)
 - `control_hz` (default: the checkpoint's), `n_action_steps` (default: the checkpoint's), `blend`
-  none | ensemble | rtc, `deadline` (s, default one replan period), `max_obs_age` (s, default 0.2)
+  none | ensemble | rtc, `deadline` (s, default one replan period: slower inference is counted as a
+  deadline miss; the node holds only when no planned action is left), `max_obs_age` (s, default 0.2)
 - `inference` threaded (default: a background thread, the control tick never waits; for robots) |
   simulated (the chunk is computed inside the control tick and released `inference_delay` seconds
   of node time later, as robomosaic-eval does: with a commanded simulator on `use_sim_time`,
@@ -42,10 +43,11 @@ forget the observation history and plans, next sampling stream).
 
 Faults: observations older than `max_obs_age` (the newest sample of the oldest key; header stamps,
 or the receipt time for messages without one), a non-finite observation (rejected, counted; never
-used), inference later than the deadline with no plan left, or a failed inference all give the safe
-command in that control period: zero motion with the gripper dimensions keeping their last command
-(Twist: all zeros). Commands are clamped to the limits and rate-limited by `max_delta`; the safe
-command is never rate-limited.
+used; the node holds until a finite one arrives), no planned action left, or a failed inference
+all give the safe command in that control period: zero motion with the gripper dimensions keeping
+their last command (Twist: all zeros). A stale hold also drops the plan: control resumes with a new
+chunk. Commands are clamped to the limits and rate-limited by `max_delta`; the safe command is
+never rate-limited.
 """
 
 from __future__ import annotations
@@ -472,8 +474,8 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: Any) -> TransitionCallbackReturn:
-        self._stop("error")
-        return TransitionCallbackReturn.SUCCESS
+        # error processing ends in "unconfigured": leave nothing of the configuration behind
+        return self.on_cleanup(state)
 
     def _stop(self, why: str) -> None:
         """Stop the control loop and send the safe command once (if control was running)."""
@@ -481,11 +483,14 @@ class PolicyNode(LifecycleNode):
             if self._control_timer is not None:
                 self.destroy_timer(self._control_timer)
                 self._control_timer = None
-            was_active, self.active, self.enabled = self.active, False, False
+            was_active, was_enabled = self.active, self.enabled
+            self.active = self.enabled = False
             if was_active:
-                self._send_safe_command()
+                if was_enabled:  # after ~/disable another source may be driving the robot
+                    self._send_safe_command()
                 self.chunk_executor.close()
-                self.get_logger().info(f"{why}: sent the safe command, control stopped")
+                sent = "sent the safe command, " if was_enabled else ""
+                self.get_logger().info(f"{why}: {sent}control stopped")
 
     def _new_episode(self) -> None:
         from robomosaic.policies.rollout import episode_generator
@@ -494,8 +499,9 @@ class PolicyNode(LifecycleNode):
         self.safety.reset()
         self.episode += 1
         self._generator = episode_generator(self.seed, self.episode)
-        with self._data_lock:
-            self._fresh = bool(self._latest)
+        with self._data_lock:  # the new episode starts from samples that arrive from now on
+            self._latest.clear()
+            self._fresh = False
 
     # -- services -------------------------------------------------------------------------------
     def _on_enable(self, request: Any, response: Any) -> Any:
@@ -616,15 +622,19 @@ class PolicyNode(LifecycleNode):
             now = self._now()
             self._tick_times.append(time.monotonic())
             del self._tick_times[: -10 * int(self.control_hz) - 1]
-            self._observe()
-            if not self.enabled:
-                return
             try:
+                self._observe()
+                if not self.enabled:
+                    return
                 action, status = self.chunk_executor.act(now)
-            except (RuntimeError, ValueError) as e:  # inference failed or returned a wrong shape
+            except Exception as e:  # inference failed or returned a wrong shape: never end the node
                 self._counts["inference_errors"] += 1
-                self.get_logger().error(f"inference: {e} ({e.__cause__!r}); sending the safe command")
-                self._send_safe_command()
+                self.get_logger().error(
+                    f"control step: {e!r} ({e.__cause__!r}); sending the safe command",
+                    throttle_duration_sec=1.0,
+                )
+                if self.enabled:
+                    self._send_safe_command()
                 return
             command, _ = self.safety(action, hold=status != "ok")
             self._publish(command, plan=status == "ok", now=now)
@@ -713,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
             rclpy.try_shutdown()
             raise SystemExit(f"robomosaic-policy-node: autostart: {node.last_error}")
         node.trigger_activate()
-    spin_node(node, executor_threads=3)
+    spin_node(node)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,6 @@ from robomosaic.ros_nodes.common import command_qos, sensor_qos, spin_node  # no
 # PX4 quad-X motor i (0-based) is our motor PX4_FROM_OURS[i]; ours j is PX4's OURS_FROM_PX4[j].
 PX4_FROM_OURS = (0, 2, 3, 1)  # PX4 [FR, BL, FL, BR] <- ours [FR, BR, BL, FL]
 OURS_FROM_PX4 = (0, 3, 1, 2)
-PX4_MOTOR_NAMES = ("FR", "BL", "FL", "BR")
 FAILSAFES = ("zero", "hover_throttle")
 TRIGGERS = ("timer", "odom")
 TWIST_FRAMES = ("world", "child")
@@ -260,10 +260,18 @@ class PeriodicThread:
     shares its threads with the subscriptions; here only the GIL is shared. A tick that starts a
     whole period late skips the missed deadlines instead of bursting (counted by ``tick`` itself)."""
 
-    def __init__(self, period: float, tick: Callable[[float], None], name: str, priority: int = 0) -> None:
+    def __init__(
+        self,
+        period: float,
+        tick: Callable[[float], None],
+        name: str,
+        priority: int = 0,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.period = period
         self.tick = tick
         self.priority = priority
+        self.on_error = on_error
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.priority_error: str | None = None
@@ -286,7 +294,12 @@ class PeriodicThread:
                 self.priority_error = str(e)
         deadline = time.monotonic()
         while not self._stop.is_set():
-            self.tick(deadline)
+            try:
+                self.tick(deadline)
+            except Exception as e:  # a failing step must not end the control loop silently
+                if self.on_error is None:
+                    raise
+                self.on_error(e)
             deadline += self.period
             now = time.monotonic()
             if now > deadline + self.period:  # fell behind by more than a period: skip, don't burst
@@ -326,21 +339,28 @@ class LoopStats:
 
 
 # ---- the node -----------------------------------------------------------------------------------
+PARAMETERS: dict[str, Any] = {
+    "checkpoint": "",
+    "control_hz": 100.0,
+    "trigger": "timer",
+    "max_odom_age": 0.05,
+    "failsafe": "zero",
+    "hover_throttle": -1.0,
+    "armed": False,
+    "setpoint": None,  # [x, y, z]
+    "setpoint_velocity_timeout": 0.1,
+    "twist_frame": "world",
+    "initial_action": 0.0,
+    "realtime_priority": 0,
+}
+
+
 class QuadrotorNode(Node):
     def __init__(self) -> None:
         super().__init__("quadrotor_node")
-        self.declare_parameter("checkpoint", "")
-        self.declare_parameter("control_hz", 100.0)
-        self.declare_parameter("trigger", "timer")
-        self.declare_parameter("max_odom_age", 0.05)
-        self.declare_parameter("failsafe", "zero")
-        self.declare_parameter("hover_throttle", -1.0)
-        self.declare_parameter("armed", False)
-        self.declare_parameter("setpoint", None, ParameterDescriptor(dynamic_typing=True))  # [x, y, z]
-        self.declare_parameter("setpoint_velocity_timeout", 0.1)
-        self.declare_parameter("twist_frame", "world")
-        self.declare_parameter("initial_action", 0.0)
-        self.declare_parameter("realtime_priority", 0)
+        # dynamic typing: `control_hz:=200` (an integer) is as good as 200.0; values are converted below
+        for name, default in PARAMETERS.items():
+            self.declare_parameter(name, default, ParameterDescriptor(dynamic_typing=True))
         get = self.get_parameter
         self.control_hz = float(get("control_hz").value)
         if not self.control_hz > 0:
@@ -351,6 +371,12 @@ class QuadrotorNode(Node):
         self.twist_frame = self._choice("twist_frame", TWIST_FRAMES)
         self.max_odom_age = float(get("max_odom_age").value)
         self.velocity_timeout = float(get("setpoint_velocity_timeout").value)
+        for name, value in (
+            ("max_odom_age", self.max_odom_age),
+            ("setpoint_velocity_timeout", self.velocity_timeout),
+        ):
+            if not (math.isfinite(value) and value > 0):  # NaN or inf would disable the failsafe
+                raise ValueError(f"parameter {name} must be a finite number of seconds > 0, got {value}")
         self.hover_throttle = float(get("hover_throttle").value)
         setpoint = list(get("setpoint").value or [])
         if setpoint and (len(setpoint) != 3 or not np.isfinite(np.asarray(setpoint, dtype=float)).all()):
@@ -375,6 +401,7 @@ class QuadrotorNode(Node):
         self.failsafe_latency = self.failsafe_latency_max = math.nan  # s from stale odometry to failsafe
         self.rejected_odometry = 0
         self.rejected_setpoints = 0
+        self.loop_errors = 0
 
         self.command_pub = self.create_publisher(Float32MultiArray, "/motor_commands", command_qos())
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -387,7 +414,9 @@ class QuadrotorNode(Node):
         self._message.layout.dim = [MultiArrayDimension(label="motors", size=4, stride=4)]
         # trigger "odom": the same thread only watches for stale odometry (and sends NaNs disarmed)
         tick = self._tick if self.trigger == "timer" else self._watch
-        self.loop = PeriodicThread(self.period, tick, "raptor-control", int(get("realtime_priority").value))
+        self.loop = PeriodicThread(
+            self.period, tick, "raptor-control", int(get("realtime_priority").value), self._on_loop_error
+        )
         self.loop.start()
         how = f"{self.control_hz:g} Hz on a wall-clock thread" if tick == self._tick else "on every odometry"
         armed = "armed" if self._armed else "disarmed (call ~/arm)"
@@ -414,7 +443,10 @@ class QuadrotorNode(Node):
         with self._lock:
             self._odom = sample
         if self.trigger == "odom" and self._armed:
-            self._tick(received)
+            try:
+                self._tick(received)
+            except Exception as e:  # as on the timer thread: the failsafe, and the node goes on
+                self._on_loop_error(e)
 
     def _on_setpoint(self, msg: PoseStamped) -> None:
         p = msg.pose.position
@@ -460,6 +492,14 @@ class QuadrotorNode(Node):
                 return np.full(4, min(throttle, 1.0), dtype=np.float32)
         return np.zeros(4, dtype=np.float32)
 
+    def _on_loop_error(self, error: BaseException) -> None:
+        """A control step raised: the failsafe command (NaN while disarmed), and the loop goes on."""
+        self.loop_errors += 1
+        self.get_logger().error(f"control step failed: {error!r}", throttle_duration_sec=1.0)
+        with self._lock:
+            self._healthy = False
+        self._publish(self.failsafe_command() if self._armed else np.full(4, np.nan, dtype=np.float32))
+
     def _watch(self, scheduled: float) -> None:
         """Trigger "odom": the periodic thread steps in only when odometry has gone stale (or to keep
         sending NaNs while disarmed); control steps run in the odometry callback."""
@@ -488,6 +528,8 @@ class QuadrotorNode(Node):
                     self._healthy = True
                 fresh = started - self._velocity_received <= self.velocity_timeout
                 command = self.controller.step(odom, self._setpoint, self._velocity if fresh else np.zeros(3))
+                if not np.all(np.isfinite(command)):  # NaN would mean "motor stopped" mid-flight
+                    raise FloatingPointError(f"the student returned {command}")
                 mean = float(command.mean())  # time constant ~1 s at any control rate
                 alpha = min(1.0, self.period)
                 self._throttle_mean = (
@@ -526,6 +568,8 @@ class QuadrotorNode(Node):
             "ticks": str(self.stats.ticks),
             "odom_age_ms": f"{age:.1f}",
             "failsafe_ticks": str(self.failsafe_ticks),
+            "control_errors": str(self.loop_errors),
+            "realtime_priority_error": self.loop.priority_error or "",
             "failsafe_latency_ms": f"{self.failsafe_latency * 1e3:.2f}",
             "failsafe_latency_max_ms": f"{self.failsafe_latency_max * 1e3:.2f}",
             "rejected_odometry": str(self.rejected_odometry),

@@ -1,6 +1,6 @@
 """robomosaic-record-node: record teleoperated episodes from ROS 2 topics into a zarr episode store.
 
-    robomosaic-record-node --ros-args --params-file config/sim_arm_record.yaml -p store:=demos/teleop.zarr
+    robomosaic-record-node --ros-args --params-file config/sim_arm_policy.yaml -p store:=demos/teleop.zarr
     ros2 service call /recorder/start std_srvs/srv/Trigger
     ros2 service call /recorder/stop std_srvs/srv/SetBool "{data: true}"     # true: the task succeeded
     ros2 service call /recorder/discard std_srvs/srv/Trigger                 # drop the episode in progress
@@ -340,7 +340,6 @@ def _make_node_class():  # rclpy is imported only when a node is built
                         throttle_duration_sec=1.0,
                     )
                     return
-                self.gripper = float(action[-1])
             else:
                 velocity = np.asarray(messages.twist_to_array(msg), dtype=np.float64)
                 action = twist_to_action(
@@ -351,6 +350,8 @@ def _make_node_class():  # rclpy is imported only when a node is built
                     f"{self.p['action_topic']}: ignored a non-finite command", throttle_duration_sec=1.0
                 )
                 return
+            if self.p["action_type"] == "Float64MultiArray":
+                self.gripper = float(np.clip(action[-1], -1.0, 1.0))
             self.command = (action, self.now())
 
         def _on_gripper(self, msg) -> None:
@@ -370,11 +371,12 @@ def _make_node_class():  # rclpy is imported only when a node is built
             self, since: float, now: float
         ) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
             """The newest value of every key, the header frame of each, and why not (problems)."""
+            latest = dict(self.latest)  # one snapshot: keys from one topic come from one message
             stale = sorted(
                 {
                     rk.binding.topic
                     for rk in self.keys.values()
-                    if (got := self.latest.get(rk.binding.topic)) is None
+                    if (got := latest.get(rk.binding.topic)) is None
                     or got[1] < since
                     or now - got[1] > self.max_obs_age
                 }
@@ -383,12 +385,14 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 return {}, {}, [f"no message on {t} within max_obs_age={self.max_obs_age:g} s" for t in stale]
             values, frames = {}, {}
             for key, rk in self.keys.items():
-                msg = self.latest[rk.binding.topic][0]
+                msg = latest[rk.binding.topic][0]
                 try:
                     value = np.asarray(messages.message_to_array(msg, rk.binding))
-                except (ValueError, KeyError, IndexError) as e:
+                except (ValueError, KeyError, IndexError, TypeError) as e:
                     return {}, {}, [f"bad message on {rk.binding.topic} for {key}: {e}"]
-                if value.dtype != np.uint8 and not np.all(np.isfinite(value)):
+                if value.dtype.kind not in "biuf":
+                    return {}, {}, [f"{key} on {rk.binding.topic} is not numeric ({value.dtype})"]
+                if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
                     return {}, {}, [f"non-finite {key} on {rk.binding.topic}"]
                 values[key] = value
                 header = getattr(msg, "header", None)
@@ -513,8 +517,12 @@ def _make_node_class():  # rclpy is imported only when a node is built
             start = time.perf_counter()
             try:
                 index = self.store.append_episode(episode.arrays(), meta)
-            except StoreError as e:
-                return False, f"episode of {episode.length} steps NOT saved: {e}"
+            except Exception as e:  # disk full, permissions, schema: keep the episode for another try
+                self.episode = episode
+                return False, (
+                    f"episode of {episode.length} steps NOT saved ({e!r}); it is kept: fix the cause and "
+                    "call ~/stop again, or ~/discard"
+                )
             self.last_saved = {"episode": index, "steps": episode.length, "success": success}
             return True, (
                 f"saved episode {index} ({'success' if success else 'failure'}, seed {episode.seed}): "

@@ -86,6 +86,7 @@ class KeyboardState:
 def _make_node_class():  # rclpy is imported only when a node is built
     require_rclpy()
     from geometry_msgs.msg import Twist
+    from rcl_interfaces.msg import ParameterDescriptor
     from rclpy.node import Node
     from std_msgs.msg import Float64
     from std_srvs.srv import SetBool, Trigger
@@ -97,7 +98,8 @@ def _make_node_class():  # rclpy is imported only when a node is built
         def __init__(self, name: str = "teleop") -> None:
             super().__init__(name)
             p = {
-                key: self.declare_parameter(key, default).value
+                # dynamic typing: linear_speed:=1 is as good as 1.0
+                key: self.declare_parameter(key, default, ParameterDescriptor(dynamic_typing=True)).value
                 for key, default in {
                     "linear_speed": 0.5,
                     "angular_speed": 5.0,

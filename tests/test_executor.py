@@ -105,6 +105,7 @@ def test_stale_observations_hold_within_the_age_limit():
     statuses = [s for _, _, s in out]
     assert statuses[:12] == ["ok"] * 12  # the last observation (step 9) is at most 2 periods old
     assert all(s == "hold:stale_observation" for s in statuses[12:])
+    assert ex.chunks == []  # a stale hold drops the old plan: it is never resumed
     held = out[15][1]
     assert held[0] == 0.0 and held[1] == 1.0  # no motion, gripper keeps its last command
 
@@ -117,9 +118,13 @@ def test_non_finite_observation_is_rejected():
     assert not ex.observe({"t": np.array([np.nan])}, DT)
     assert not ex.observe({"t": np.array([np.inf])}, DT)
     assert ex.stats.rejected_obs == 2
-    ex.act(DT)
+    _, status = ex.act(DT)
+    assert status == "hold:nonfinite_observation"  # the newest observation is unusable: hold
+    assert ex.observe({"t": np.array([2 * DT])}, 2 * DT)
+    _, status = ex.act(2 * DT)
+    assert status == "ok"
     history = predict.calls[-1][0]["t"][:, 0]
-    assert np.all(np.isfinite(history)) and list(history) == [0.0, 0.0]
+    assert np.all(np.isfinite(history)) and list(history) == [0.0, 2 * DT]
 
 
 def test_rtc_commits_only_what_executes_before_the_next_chunk_arrives():

@@ -53,6 +53,7 @@ def policy_parameters(path: Path) -> Path:
 
 def test_lift_success_through_ros_matches_in_process(tmp_path: Path) -> None:
     from robomosaic.policies.evaluate import evaluate
+
     start = time.perf_counter()
     sim = start_node(
         "sim_node", "-r", "__node:=sim", "-p", "task:=lift", "-p", "step_mode:=commanded",

@@ -263,9 +263,12 @@ def run_condition(
 
 
 def arm_in_process(checkpoint: Path, calls: int) -> dict[str, object]:
+    import torch
+
     from robomosaic.policies.checkpoint import load_policy
     from robomosaic.sim.tasks import make_task
 
+    torch.set_num_threads(1)  # as the node runs it (OMP_NUM_THREADS=1 in arm_ros), for a fair comparison
     policy = load_policy(checkpoint)
     obs = make_task("lift").reset(1_000_000)
     history = {k: np.stack([np.asarray(v)] * policy.n_obs_steps) for k, v in obs.items()}
@@ -390,6 +393,19 @@ def table(results: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+READING = """Reading the numbers:
+- Quadrotor, ROS overhead: odometry published here -> the node parses it, steps the student and
+  publishes -> the command arrives here (two DDS hops, two executors), minus the same control step
+  in-process. That is the latency a flight controller sees on top of the policy.
+- Arm, ROS overhead: the policy's chunk inference timed inside the node (its diagnostics) minus the
+  same `predict_chunk` in-process, both on one torch thread: what the node's other threads (executor,
+  sensor callbacks, the control timer) cost the inference thread through the GIL. A chunk is computed
+  once per replan (8 actions, 400 ms at 20 Hz), so this is not a per-command latency.
+- The nodes spin rclpy's SingleThreadedExecutor. With its MultiThreadedExecutor the quadrotor node
+  stalled for up to 2 s at a time on this idle machine in 4 of 6 runs (see ros_nodes/common.py).
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="per measurement")
@@ -428,13 +444,13 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
-        "# ROS 2 control loop: RAPTOR quadrotor controller at 100 Hz\n\n"
+        "# ROS 2 control loops: RAPTOR quadrotor controller at 100 Hz, lift policy at 20 Hz\n\n"
         f"Produced by `python bench/ros_loop.py --seconds {args.seconds:g} --conditions {args.conditions}"
         f"{f' --arm {args.arm}' if args.arm else ''}` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, load average "
         f"{load[0]:.1f} at the end; FastDDS, rclpy from PyPI). See the script's docstring for what each "
         "row measures. Targets: ROS overhead p99 < 5 ms, period jitter p99 < 2 ms idle, no deadline "
-        "misses idle.\n\n" + text + "\n"
+        "misses idle.\n\n" + text + "\n\n" + READING
     )
     print(f"ros_loop: wrote {args.out}")
 

@@ -717,12 +717,13 @@ def main(argv: list[str] | None = None) -> None:
     """robomosaic-policy-node (standard ROS arguments: --ros-args -p checkpoint:=... --params-file f.yaml)."""
     rclpy.init(args=list(sys.argv if argv is None else ["robomosaic-policy-node", *argv]))
     node = PolicyNode()
-    if node.get_parameter("autostart").value:
-        if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-            node.destroy_node()
-            rclpy.try_shutdown()
-            raise SystemExit(f"robomosaic-policy-node: autostart: {node.last_error}")
-        node.trigger_activate()
+    if node.get_parameter("autostart").value and (
+        node.trigger_configure() != TransitionCallbackReturn.SUCCESS
+        or node.trigger_activate() != TransitionCallbackReturn.SUCCESS
+    ):
+        node.destroy_node()
+        rclpy.try_shutdown()
+        raise SystemExit(f"robomosaic-policy-node: autostart: {node.last_error or 'activate failed'}")
     spin_node(node)
 
 

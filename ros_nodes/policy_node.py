@@ -46,8 +46,9 @@ or the receipt time for messages without one), a non-finite observation (rejecte
 used; the node holds until a finite one arrives), no planned action left, or a failed inference
 all give the safe command in that control period: zero motion with the gripper dimensions keeping
 their last command (Twist: all zeros). A stale hold also drops the plan: control resumes with a new
-chunk. Commands are clamped to the limits and rate-limited by `max_delta`; the safe command is
-never rate-limited.
+chunk. A message stamped more than `max_obs_age` in the future is rejected (it could never go
+stale: the robot's clocks are not synchronised). Commands are clamped to the limits and
+rate-limited by `max_delta`; the safe command is never rate-limited.
 """
 
 from __future__ import annotations
@@ -338,8 +339,9 @@ class PolicyNode(LifecycleNode):
         if not self.control_hz > 0:
             raise ConfigurationError("parameter control_hz: must be positive (the checkpoint records none)")
         max_obs_age = float(self._param("max_obs_age"))
-        if not max_obs_age > 0:
+        if not (np.isfinite(max_obs_age) and max_obs_age > 0):
             raise ConfigurationError(f"parameter max_obs_age: must be positive seconds, got {max_obs_age}")
+        self.max_obs_age = max_obs_age
         n_action_steps = int(self._param("n_action_steps") or policy.n_action_steps)
         usable = policy.horizon - policy.n_obs_steps + 1
         if not 1 <= n_action_steps <= usable:
@@ -554,7 +556,16 @@ class PolicyNode(LifecycleNode):
 
     def _make_callback(self, bindings: list[messages.TopicBinding]):
         def callback(msg: Any) -> None:
-            stamp = messages.message_stamp(msg) or self._now()
+            now = self._now()
+            stamp = messages.message_stamp(msg) or now
+            if stamp > now + self.max_obs_age:  # it would never count as stale: refuse it
+                self._counts["bad_messages"] += 1
+                self.get_logger().error(
+                    f"rejected a message on {bindings[0].topic}: stamped {stamp - now:.3f} s in the future "
+                    "(synchronise the clocks of the robot's computers)",
+                    throttle_duration_sec=2.0,
+                )
+                return
             for binding in bindings:
                 try:
                     value = self._checked(binding, messages.message_to_array(msg, binding))

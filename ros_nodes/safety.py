@@ -83,8 +83,10 @@ class SafetyFilter:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the previous command (a new episode starts from the safe command)."""
-        self.last: np.ndarray | None = None
+        """A new episode starts from the safe command; the gripper dimensions keep their last value
+        (a position-controlled gripper must not open because the history was reset)."""
+        last = getattr(self, "last", None)
+        self.last: np.ndarray | None = None if last is None else self.safe_command()
         self.stats = SafetyStats()
 
     def safe_command(self) -> np.ndarray:
@@ -121,7 +123,11 @@ class SafetyFilter:
             limited = np.clip(command, reference - self.max_delta, reference + self.max_delta)
             if not np.array_equal(limited, command):
                 flags.append("rate_limited")
+            # the limits win: a reference outside them (a safe command of 0 with limits that exclude
+            # 0) must not pull the command out of [action_min, action_max]
             command = limited
+            if self.action_min is not None or self.action_max is not None:
+                command = np.clip(command, self.action_min, self.action_max)
         return command, flags
 
     def limit_chunk(self, chunk: np.ndarray, first: np.ndarray) -> np.ndarray:

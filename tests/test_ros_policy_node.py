@@ -60,6 +60,12 @@ def test_safety_filter_clamps_rate_limits_and_holds() -> None:
     planned = safety.limit_chunk(np.array([[1.0, -1.0, 0.5], [1.0, -1.0, 0.5], [np.inf, 0, 0]]), command)
     assert np.allclose(planned, [[0.5, 0.0, 0.5], [0.75, -0.25, 0.5]])
     assert safety.stats.nonfinite == 1 and safety.stats.holds == 1 and safety.stats.rate_limited == 2
+    safety.reset()  # a new episode: zero motion, the gripper keeps its last command
+    assert np.allclose(safety.safe_command(), [0.0, 0.0, 0.5])
+    # limits that exclude the safe command's 0: the rate limit never pulls a command out of them
+    offset = SafetyFilter(1, action_min=[0.5], action_max=[1.0], max_delta=0.1)
+    command, _ = offset(np.array([0.9]))
+    assert 0.5 <= command[0] <= 1.0
     with pytest.raises(ValueError, match="max_delta needs 3 values"):
         SafetyFilter(3, max_delta=[0.1, 0.1])
     with pytest.raises(ValueError, match=r"action_min > action_max in dimension\(s\) \[1\]"):

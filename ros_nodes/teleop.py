@@ -60,16 +60,14 @@ class KeyboardState:
         self.key_timeout = key_timeout
         self.gripper = -1.0  # open
         self._direction = np.zeros(6)
-        self._until = -np.inf
+        self._until = np.full(6, -np.inf)  # per axis: a released key stops its own axis only
 
     def press(self, key: str, now: float) -> bool:
         """Apply a motion or gripper key; False for any other key."""
         if key in MOTION_KEYS:
             index, sign = MOTION_KEYS[key]
-            if now > self._until:  # a new press after a pause: only this key's axis
-                self._direction[:] = 0.0
             self._direction[index] = sign
-            self._until = now + self.key_timeout
+            self._until[index] = now + self.key_timeout
             return True
         if key == GRIPPER_KEY:
             self.gripper = -self.gripper
@@ -78,9 +76,7 @@ class KeyboardState:
 
     def velocity(self, now: float) -> np.ndarray:
         """linear xyz (m/s), angular xyz (rad/s): the held keys' directions at their speeds."""
-        if now > self._until:
-            return np.zeros(6)
-        return self._direction * self.speeds
+        return np.where(now <= self._until, self._direction * self.speeds, 0.0)
 
 
 def _make_node_class():  # rclpy is imported only when a node is built

@@ -235,3 +235,16 @@ def test_messages_survive_serialization() -> None:
     ]
     for msg in built:
         assert deserialize_message(serialize_message(msg), type(msg)) == msg
+
+
+def test_keyboard_teleop_releasing_a_key_stops_its_axis_only() -> None:
+    from robomosaic.ros_nodes.teleop import KeyboardState
+
+    keys = KeyboardState(linear_speed=0.5, angular_speed=5.0, key_timeout=0.6)
+    assert keys.press("w", 0.0) and keys.press("a", 0.4)  # +x, then +y while x still moves
+    assert np.allclose(keys.velocity(0.5), [0.5, 0.5, 0, 0, 0, 0])
+    assert keys.press("a", 0.8)  # only the y key is held (repeats): x stops at 0.6
+    assert np.allclose(keys.velocity(0.9), [0, 0.5, 0, 0, 0, 0])
+    assert np.allclose(keys.velocity(2.0), 0.0)  # everything released
+    assert keys.press(" ", 2.0) and keys.gripper == 1.0  # space closes the gripper
+    assert not keys.press("z", 2.0)

@@ -231,9 +231,8 @@ class QuadrotorController:
         """Start over from the learned initial hidden state; ``previous_action`` is what the motors
         were last told (our order, [-1, 1]; default ``initial_action``)."""
         self.hidden = None
-        self.previous_action = (
-            self.initial_action.copy() if previous_action is None else previous_action.astype(np.float32)
-        )
+        usable = previous_action is not None and np.all(np.isfinite(previous_action))
+        self.previous_action = previous_action.astype(np.float32) if usable else self.initial_action.copy()
 
     def step(
         self, odom: OdometrySample, target_position: np.ndarray, target_velocity: np.ndarray

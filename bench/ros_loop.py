@@ -254,12 +254,19 @@ def run_condition(
             "timer": ros_jitter(bench, checkpoint, seconds),
         }
         if arm is not None:
-            result["arm"] = {"in_process": arm_in_process(arm, 20), "ros": arm_ros(bench, arm, seconds)}
+            result["arm"] = {
+                "in_process": arm_in_process(arm, 200),
+                **{f"ros_{mode}": arm_ros(bench, arm, seconds, mode) for mode in ARM_INFERENCE},
+            }
     finally:
         if load is not None:
             load.kill()
             load.wait()
     return result
+
+
+# the policy node's inference runners, side by side
+ARM_INFERENCE = {"threaded": "a thread of the node", "process": "a child process of the node"}
 
 
 def arm_in_process(checkpoint: Path, calls: int) -> dict[str, object]:
@@ -281,12 +288,12 @@ def arm_in_process(checkpoint: Path, calls: int) -> dict[str, object]:
     return {"latency": stats_ms(latency)}
 
 
-def arm_ros(bench: Bench, checkpoint: Path, seconds: float) -> dict[str, object]:
+def arm_ros(bench: Bench, checkpoint: Path, seconds: float, inference: str) -> dict[str, object]:
     sim = [sys.executable, "-m", "robomosaic.ros_nodes.sim_node", "--ros-args", "-r", "__node:=sim"]
     sim += ["-p", "task:=lift", "-p", "step_mode:=realtime", "-p", "seed:=1000000"]
     policy = [sys.executable, "-m", "robomosaic.ros_nodes.policy_node", "--ros-args", "-r", "__node:=policy"]
     policy += ["--params-file", str(REPO / "config/sim_arm_policy.yaml"), "-p", f"checkpoint:={checkpoint}"]
-    policy += ["-p", "autostart:=true"]  # the file's trajectory commands
+    policy += ["-p", "autostart:=true", "-p", f"inference:={inference}"]  # the file's trajectory commands
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, cwd=REPO) for args in (sim, policy)]
     arrivals: list[float] = []
@@ -350,15 +357,17 @@ def arm_table(results: dict[str, dict[str, object]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        li, ros = r["in_process"]["latency"], r["ros"]
-        aj = ros["arrival_jitter"]
+        li = r["in_process"]["latency"]
         lines.append(f"| {name} | in-process predict_chunk | {li['p50']:.1f} / {li['p99']:.1f} | — | — | — |")
-        lines.append(
-            f"| {name} | ROS policy node (inference in the node; command arrivals here) | "
-            f"{ros['inference_p50']:.1f} / {ros['inference_p99']:.1f} | "
-            f"{ros['inference_p50'] - li['p50']:.1f} / {ros['inference_p99'] - li['p99']:.1f} | "
-            f"{aj['p50']:.2f} / {aj['p99']:.2f} | {ros['misses']} of {ros['steps']} |"
-        )
+        for mode, where in ARM_INFERENCE.items():
+            ros = r[f"ros_{mode}"]
+            aj = ros["arrival_jitter"]
+            lines.append(
+                f"| {name} | ROS policy node, inference:={mode} ({where}; command arrivals here) | "
+                f"{ros['inference_p50']:.1f} / {ros['inference_p99']:.1f} | "
+                f"{ros['inference_p50'] - li['p50']:.1f} / {ros['inference_p99'] - li['p99']:.1f} | "
+                f"{aj['p50']:.2f} / {aj['p99']:.2f} | {ros['misses']} of {ros['steps']} |"
+            )
     return "\n".join(lines)
 
 
@@ -397,10 +406,11 @@ READING = """Reading the numbers:
 - Quadrotor, ROS overhead: odometry published here -> the node parses it, steps the student and
   publishes -> the command arrives here (two DDS hops, two executors), minus the same control step
   in-process. That is the latency a flight controller sees on top of the policy.
-- Arm, ROS overhead: the policy's chunk inference timed inside the node (its diagnostics) minus the
-  same `predict_chunk` in-process, both on one torch thread: what the node's other threads (executor,
-  sensor callbacks, the control timer) cost the inference thread through the GIL. A chunk is computed
-  once per replan (8 actions, 400 ms at 20 Hz), so this is not a per-command latency.
+- Arm, ROS overhead: the policy's chunk inference timed by the node (its diagnostics) minus the same
+  `predict_chunk` in-process, all on one torch thread. With `inference:=threaded` it is what the
+  node's executor (sensor callbacks, the control timer) costs the inference thread through the GIL;
+  `inference:=process` (the default) computes in a child process and adds the pipe. A chunk is
+  computed once per replan (8 actions, 400 ms at 20 Hz), so this is not a per-command latency.
 - The nodes spin rclpy's SingleThreadedExecutor. With its MultiThreadedExecutor the quadrotor node
   stalled for up to 2 s at a time on this idle machine in 4 of 6 runs (see ros_nodes/common.py).
 """

@@ -25,7 +25,8 @@ Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
 - `control_hz` (default: the checkpoint's), `n_action_steps` (default: the checkpoint's), `blend`
   none | ensemble | rtc, `deadline` (s, default one replan period: slower inference is counted as a
   deadline miss; the node holds only when no planned action is left), `max_obs_age` (s, default 0.2)
-- `inference` threaded (default: a background thread, the control tick never waits; for robots) |
+- `inference` process (default: a child process computes the chunks, so inference shares no GIL
+  with the executor; the control tick never waits) | threaded (a background thread of the node) |
   simulated (the chunk is computed inside the control tick and released `inference_delay` seconds
   of node time later, as robomosaic-eval does: with a commanded simulator on `use_sim_time`,
   results do not depend on how loaded the machine is)
@@ -102,7 +103,7 @@ PARAMETERS: dict[str, Any] = {
     "control_hz": None,
     "n_action_steps": None,
     "blend": "none",
-    "inference": "threaded",
+    "inference": "process",
     "inference_delay": 0.0,
     "deadline": None,
     "max_obs_age": 0.2,
@@ -272,6 +273,7 @@ class PolicyNode(LifecycleNode):
             self.last_error = f"configure failed: {e}"
             self.get_logger().error(self.last_error)
             self._destroy_entities()
+            self._release_runner()
             self.policy = None
             return TransitionCallbackReturn.FAILURE
         self.last_error = ""
@@ -287,6 +289,7 @@ class PolicyNode(LifecycleNode):
             ExecutorConfig,
             ThreadedInference,
         )
+        from robomosaic.policies.process_inference import ProcessInference
 
         path = str(self._param("checkpoint"))
         if not path:
@@ -378,14 +381,16 @@ class PolicyNode(LifecycleNode):
 
         self.seed = int(self._param("seed"))
         inference, delay = str(self._param("inference")), float(self._param("inference_delay"))
-        if inference == "threaded":
+        if inference == "process":
+            runner = ProcessInference(path, str(self._param("device")), threads)
+        elif inference == "threaded":
             runner = ThreadedInference(self._predict)
         elif inference == "simulated" and delay >= 0:
             runner = DelayedInference(self._predict, delay)
         else:
             raise ConfigurationError(
-                f"parameter inference: {inference!r} (inference_delay {delay}) is not 'threaded' or "
-                "'simulated' with inference_delay >= 0"
+                f"parameter inference: {inference!r} (inference_delay {delay}) is not 'process', "
+                "'threaded' or 'simulated' with inference_delay >= 0"
             )
         self.chunk_executor = ChunkExecutor(
             runner,
@@ -468,11 +473,20 @@ class PolicyNode(LifecycleNode):
     def on_cleanup(self, state: Any) -> TransitionCallbackReturn:
         self._stop("cleaned up")
         self._destroy_entities()
+        self._release_runner()
         self.policy = None
         return TransitionCallbackReturn.SUCCESS
 
+    def _release_runner(self) -> None:
+        """End the inference process, if the runner has one."""
+        executor = getattr(self, "chunk_executor", None)
+        if executor is not None and hasattr(executor.runner, "shutdown"):
+            executor.runner.shutdown()
+        self.chunk_executor = None
+
     def on_shutdown(self, state: Any) -> TransitionCallbackReturn:
         self._stop("shut down")
+        self._release_runner()
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: Any) -> TransitionCallbackReturn:
@@ -501,6 +515,8 @@ class PolicyNode(LifecycleNode):
         self.safety.reset()
         self.episode += 1
         self._generator = episode_generator(self.seed, self.episode)
+        if hasattr(self.chunk_executor.runner, "set_stream"):  # ProcessInference: the same stream
+            self.chunk_executor.runner.set_stream(self.seed, self.episode)
         with self._data_lock:  # the new episode starts from samples that arrive from now on
             self._latest.clear()
             self._fresh = False

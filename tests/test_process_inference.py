@@ -1,0 +1,60 @@
+"""ProcessInference: the chunk computed in a child process equals the one computed in-process with
+the same noise stream; answers to discarded requests are skipped; load failures name the checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robomosaic.policies.checkpoint import load_policy
+from robomosaic.policies.process_inference import ProcessInference
+from robomosaic.policies.rollout import episode_generator
+
+CHECKPOINT = Path(__file__).parent / "assets" / "lift_flow"
+
+
+def wait(runner: ProcessInference, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while (result := runner.poll(time.monotonic())) is None:
+        assert time.monotonic() < deadline, "no chunk from the inference process"
+        time.sleep(0.005)
+    return result
+
+
+def test_process_chunk_equals_in_process_chunk_and_stale_answers_are_skipped() -> None:
+    policy = load_policy(CHECKPOINT)
+    rng = np.random.default_rng(0)
+    history = {
+        k: rng.normal(size=(policy.n_obs_steps, *s.shape)).astype(s.dtype) for k, s in policy.obs_spec.items()
+    }
+    expected = policy.predict_chunk(history, None, generator=episode_generator(3, 7))
+    runner = ProcessInference(CHECKPOINT)
+    try:
+        runner.set_stream(3, 7)
+        runner.submit(history, None, now=1.0)
+        assert runner.busy
+        with pytest.raises(RuntimeError, match="already running"):
+            runner.submit(history, None, now=1.0)
+        chunk, requested, latency = wait(runner)
+        assert requested == 1.0 and 0 < latency < 60 and not runner.busy
+        np.testing.assert_allclose(chunk, expected, atol=1e-6)
+        # a discarded request's answer never comes back as the answer to the next one
+        runner.set_stream(3, 8)
+        runner.submit(history, None, now=2.0)
+        runner.close()
+        runner.set_stream(3, 7)
+        runner.submit(history, None, now=3.0)
+        chunk, requested, _ = wait(runner)
+        assert requested == 3.0
+        np.testing.assert_allclose(chunk, expected, atol=1e-6)
+    finally:
+        runner.shutdown()
+    assert not runner._process.is_alive()
+
+
+def test_a_checkpoint_that_does_not_load_is_named(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=rf"could not load {tmp_path}"):
+        ProcessInference(tmp_path)

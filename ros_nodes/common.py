@@ -10,6 +10,7 @@ it); rclpy is imported inside the functions that need it.
 
 from __future__ import annotations
 
+import faulthandler
 import math
 import signal
 import threading
@@ -64,6 +65,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+SHUTDOWN_WATCHDOG = 4.0  # s from SIGINT/SIGTERM to a forced exit (robomosaic-launch sends SIGTERM at 5 s)
+
+
 def spin_node(node: Any) -> None:
     """Spin `node` on a SingleThreadedExecutor until SIGINT/SIGTERM or an rclpy shutdown, then stop it
     safely: a lifecycle node takes its `shutdown` transition (its on_shutdown sends the safe
@@ -88,6 +92,9 @@ def spin_node(node: Any) -> None:
 
     def request_stop(signum: int, frame: Any) -> None:
         stop.set()
+        # A shutdown must end: if it has not within SHUTDOWN_WATCHDOG seconds, print every thread's
+        # stack (to find what hung) and exit, before the launcher has to escalate to SIGKILL.
+        faulthandler.dump_traceback_later(SHUTDOWN_WATCHDOG, exit=True)
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     executor = SingleThreadedExecutor()
@@ -108,6 +115,7 @@ def spin_node(node: Any) -> None:
             rclpy.try_shutdown(context=node.context)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            faulthandler.cancel_dump_traceback_later()
 
 
 def _stop_safely(node: Any) -> None:

@@ -15,7 +15,7 @@ def start_node(module: str, *ros_args: str, domain: int, stdin: int | None = Non
 
     The output goes to a temporary file, not a pipe: a pipe nobody reads until the end fills up
     (64 KiB of log lines on a loaded machine) and then blocks the node mid-run."""
-    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by stop_node)
     process = subprocess.Popen(
         [sys.executable, "-m", f"robomosaic.ros_nodes.{module}", "--ros-args", *ros_args],

@@ -8,16 +8,14 @@ bulk of the time); the tests run in file order and each leaves the node in a kno
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ros_processes
 
 pytest.importorskip("rclpy")
 
@@ -316,35 +314,22 @@ def is_hold(command: np.ndarray) -> bool:
 
 @pytest.fixture(scope="module")
 def robot(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("policy_node")
-    log = open(tmp / "node.log", "w+")  # noqa: SIM115 (read back by the tests)
-    params = write_params(tmp / "params.yaml")
-    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "robomosaic.ros_nodes.policy_node", "--ros-args", "-r", f"__node:={NODE}"]
-    process = subprocess.Popen(
-        [*cmd, "--params-file", str(params)], stdout=log, stderr=subprocess.STDOUT, env=env
+    params = write_params(tmp_path_factory.mktemp("policy_node") / "params.yaml")
+    process = ros_processes.start_node(
+        "policy_node", "-r", f"__node:={NODE}", "--params-file", str(params), domain=DOMAIN
     )
     probe = Robot()
-    probe.process, probe.log = process, log
+    probe.process = process
     try:
         yield probe
     finally:
         probe.publishing = False
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        ros_processes.stop_node(process)
         probe.close()
-        log.close()
 
 
 def node_log(robot: Robot) -> str:
-    robot.log.flush()
-    robot.log.seek(0)
-    return robot.log.read()
+    return ros_processes.node_output(robot.process)
 
 
 def test_configure_fails_naming_the_mismatch(robot: Robot) -> None:

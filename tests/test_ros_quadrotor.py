@@ -12,16 +12,14 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ros_processes
 import torch
 
 rclpy = pytest.importorskip("rclpy")
@@ -142,42 +140,33 @@ def test_simulator_node_backends_agree():
 
 # ---- processes ----------------------------------------------------------------------------------
 class Processes:
-    """Node processes of one test; stopped with SIGINT, then SIGKILL after 5 s."""
+    """Node processes of one test (tests/ros_processes.py), stopped at its end."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
+    def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, module: str, **params: object) -> subprocess.Popen:
-        args = [sys.executable, "-m", f"robomosaic.ros_nodes.{module}", "--ros-args"]
+        args = []
         for key, value in params.items():
             text = str(value).lower() if isinstance(value, bool) else str(value)
             args += ["-p", f"{key}:={text}"]
-        env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        log = open(self.log_dir / f"{module}.log", "w")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = ros_processes.start_node(module, *args, domain=DOMAIN)
         self.procs.append((module, proc))
         return proc
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.log_dir.glob("*.log"))
+        return "\n".join(
+            f"--- {module}\n{ros_processes.node_output(proc)[-3000:]}" for module, proc in self.procs
+        )
 
     def stop(self) -> None:
         for _, proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 5
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            ros_processes.stop_node(proc)
 
 
 @pytest.fixture
-def processes(tmp_path):
-    procs = Processes(tmp_path)
+def processes():
+    procs = Processes()
     try:
         yield procs
     finally:

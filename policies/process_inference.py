@@ -35,6 +35,11 @@ def _serve(conn: Connection, checkpoint: str, device: str, threads: int) -> None
         if threads > 0:
             torch.set_num_threads(threads)
         policy = load_policy(checkpoint).to(torch.device(device))
+        # one inference on a zero history here, where inference runs, so that the first real chunk
+        # is not slowed by lazy setup
+        policy.predict_chunk(
+            {k: np.zeros((policy.n_obs_steps, *s.shape), dtype=s.dtype) for k, s in policy.obs_spec.items()}
+        )
     except Exception as e:  # reported to the parent, which raises it at construction
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return

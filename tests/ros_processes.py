@@ -11,20 +11,20 @@ import tempfile
 
 
 def start_node(module: str, *ros_args: str, domain: int, stdin: int | None = None) -> subprocess.Popen:
-    """`python -m robomosaic.ros_nodes.<module> --ros-args ...` on DDS domain `domain`.
+    """`python -m robomosaic.ros_nodes.<module> --ros-args ...` on DDS domain `domain`."""
+    return start_process(
+        [sys.executable, "-m", f"robomosaic.ros_nodes.{module}", "--ros-args", *ros_args], domain, stdin
+    )
+
+
+def start_process(args: list[str], domain: int, stdin: int | None = None) -> subprocess.Popen:
+    """`args` on DDS domain `domain`, its output in `process.log`.
 
     The output goes to a temporary file, not a pipe: a pipe nobody reads until the end fills up
     (64 KiB of log lines on a loaded machine) and then blocks the node mid-run."""
     env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by stop_node)
-    process = subprocess.Popen(
-        [sys.executable, "-m", f"robomosaic.ros_nodes.{module}", "--ros-args", *ros_args],
-        env=env,
-        stdin=stdin,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = subprocess.Popen(args, env=env, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, text=True)
     process.log = log  # type: ignore[attr-defined]
     return process
 

@@ -10,14 +10,13 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import pytest
+import ros_processes
 
 from robomosaic.ros_nodes.launch import Launcher, LaunchError, NodeSpec, load, run_nodes
 
@@ -299,14 +298,14 @@ def test_launched_nodes_talk_over_dds_and_sigint_stops_them(ros_node, tmp_path):
     odometry, commands = [], []
     node.create_subscription(Odometry, "/odom", odometry.append, sensor_qos())
     node.create_subscription(Float32MultiArray, "/motor_commands", commands.append, command_qos())
-    process, log = start_launch(
-        "quadrotor_sim.launch.xml", "control_hz:=50.0", f"controller_params:={params}"
+    process = ros_processes.start_process(
+        [*LAUNCH, "quadrotor_sim.launch.xml", "control_hz:=50.0", f"controller_params:={params}"], DOMAIN
     )
     try:
         deadline = time.monotonic() + 60
         flying = lambda: any(np.isfinite(m.data).all() and max(m.data) > 0.05 for m in commands)  # noqa: E731
         while time.monotonic() < deadline and not (odometry and flying()):
-            assert process.poll() is None, read(log)
+            assert process.poll() is None, ros_processes.node_output(process)
             executor.spin_once(timeout_sec=0.1)
         assert odometry, "no /odom from the launched simulator"
         assert flying(), f"the controller never answered the odometry ({len(commands)} commands)"
@@ -316,29 +315,13 @@ def test_launched_nodes_talk_over_dds_and_sigint_stops_them(ros_node, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
-        output = read(log)
+        output = ros_processes.node_output(process)
     assert process.returncode == 0, output
     pids = [int(p) for p in re.findall(r"started \S+ \[pid (\d+)\]", output)]
     assert len(pids) == 2 and "sending SIGINT to quadrotor_controller" in output
     for pid in pids:  # reaped by robomosaic-launch: gone
         assert not Path(f"/proc/{pid}").exists(), pid
     assert "[quadrotor_sim]" in output and "[quadrotor_controller]" in output
-
-
-def start_launch(*arguments: str) -> tuple[subprocess.Popen, IO[str]]:
-    """robomosaic-launch with its output in a temporary file (a pipe read only at the end could fill
-    up and block the nodes)."""
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (read and closed by the caller's test)
-    process = subprocess.Popen(
-        [*LAUNCH, *arguments], stdout=log, stderr=subprocess.STDOUT, text=True, env=ENV
-    )
-    return process, log
-
-
-def read(log: IO[str]) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read()
 
 
 def call_until(node, executor, service_type, name: str, request, timeout: float = 60.0):
@@ -374,8 +357,9 @@ def test_sim_arm_record_launch_records_an_episode(ros_node, tmp_path):
     node, executor = ros_node
     store = tmp_path / "teleop.zarr"
     teleop = node.create_publisher(Twist, "/teleop/cmd_vel", 10)
-    process, log = start_launch(
-        "sim_arm_record.launch.xml", f"store:={store}", "teleop_topic:=/teleop/cmd_vel", "seed:=5"
+    process = ros_processes.start_process(
+        [*LAUNCH, "sim_arm_record.launch.xml", f"store:={store}", "teleop_topic:=/teleop/cmd_vel", "seed:=5"],
+        DOMAIN,
     )
     try:
         # ~/start is refused until the simulated robot publishes (robosuite takes seconds to start)
@@ -395,7 +379,7 @@ def test_sim_arm_record_launch_records_an_episode(ros_node, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
-        output = read(log)
+        output = ros_processes.node_output(process)
     assert process.returncode == 0, output
     recorded = EpisodeStore.open(store)
     # the sim starts in seed 5's state; the reset at ~/start moves on to the next seed

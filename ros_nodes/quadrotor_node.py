@@ -90,6 +90,7 @@ from typing import Any
 
 import numpy as np
 
+from robomosaic.policies.raptor import PRETRAINED_STUDENT
 from robomosaic.policies.raptor.export import NumpyStudent
 from robomosaic.ros_nodes.common import require_rclpy
 
@@ -190,13 +191,6 @@ def odometry_sample(msg: Odometry, received: float, twist_frame: str = "world") 
     rotation = rotation_matrix(values[3:7])
     velocity = values[7:10] if twist_frame == "world" else rotation @ values[7:10]
     return OdometrySample(values[:3], rotation, velocity, values[10:13], msg.header.frame_id, received)
-
-
-def default_checkpoint() -> Path:
-    """The student shipped as package data."""
-    import robomosaic.policies.raptor as raptor
-
-    return Path(raptor.__file__).parent / "pretrained" / "student"
 
 
 def load_student(path: str | Path) -> NumpyStudent:
@@ -383,7 +377,7 @@ class QuadrotorNode(Node):
         initial_action = float(get("initial_action").value)
         if not -1.0 <= initial_action <= 1.0:
             raise ValueError(f"parameter initial_action must be in [-1, 1], got {initial_action}")
-        checkpoint = get("checkpoint").value or str(default_checkpoint())
+        checkpoint = get("checkpoint").value or str(PRETRAINED_STUDENT)
 
         self.controller = QuadrotorController(load_student(checkpoint), initial_action)
         self.get_logger().info(f"RAPTOR student from {checkpoint}")

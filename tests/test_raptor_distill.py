@@ -136,18 +136,25 @@ def test_distill_stages_aggregate_and_resume(tmp_path, monkeypatch):
         dagger_episodes_per_teacher=1,
         dagger_epochs=1,
         batch_size=4,
+        trim={"iterations": 2, "vehicles": 4, "episode_steps": 20, "settle_steps": 10},
     )
     policies = rd.distill(teacher, config, tmp_path, progress=False, log=lambda _: None)
     assert isinstance(policies["student"], RaptorStudent) and isinstance(policies["mlp"], rd.MlpStudent)
     bc = rd.ImitationData.load(tmp_path / "bc_data.safetensors")
     assert len(bc) == 4 and bc.obs.shape == (4, 60, 22)
     for kind in ("student", "mlp"):
-        for stage in ("bc", "dagger_1", "dagger_2", "final"):
+        for stage in ("bc", "dagger_1", "dagger_2", "imitation", "trim", "final"):
             assert (tmp_path / kind / stage / "spec.json").is_file()
         dagger = rd.ImitationData.load(tmp_path / kind / "dagger_2_data.safetensors")
         assert len(dagger) == 2 and torch.equal(dagger.teacher_index, torch.arange(2))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("stage") == "dagger_2" and "flown_survival" in r for r in records)
+    trimmed = [r["iteration"] for r in records if r.get("stage") == "trim" and r.get("policy") == "mlp"]
+    assert trimmed == [1, 2]
+    # the trim changed the policy it started from, and final is the trimmed one
+    imitation = rd.MlpStudent.load(tmp_path / "mlp" / "imitation").state_dict()
+    final = rd.load_distilled(tmp_path, "mlp").state_dict()
+    assert any(not torch.equal(imitation[k], final[k]) for k in final)
     # aggregated training set of the last stage: 4 BC + 2 x 2 DAgger episodes
     dagger_epochs = [
         r
@@ -162,6 +169,7 @@ def test_distill_stages_aggregate_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rd, "fit", fail)
     monkeypatch.setattr(rd, "fly_episodes", fail)
+    monkeypatch.setattr(rd, "trim", fail)
     again = rd.distill(teacher, config, tmp_path, progress=False, log=lambda _: None)
     first = rd.load_distilled(tmp_path, "student").state_dict()
     for name, value in again["student"].state_dict().items():

@@ -221,6 +221,10 @@ def test_cli_pipeline_end_to_end(tmp_path):
         "distill.dagger_iterations=1",
         "distill.dagger_episodes_per_teacher=1",
         "distill.dagger_epochs=1",
+        "distill.trim.iterations=1",
+        "distill.trim.vehicles=2",
+        "distill.trim.episode_steps=20",
+        "distill.trim.settle_steps=10",
     ]
     cli.main(["train-teachers", "teachers.n=2", *toy_teachers, *common])
     cli.main(["distill", *common, *toy_distill, "distill.batch_size=4"])
@@ -243,7 +247,13 @@ def test_cli_pipeline_end_to_end(tmp_path):
     )
     cli.main(["export", *common])
     report = (tmp_path / "results" / "raptor.md").read_text()
-    for controller in ("student (GRU)", "MLP student", "nominal teacher", "own teacher (upper bound)"):
+    for controller in (
+        "student (GRU)",
+        "student, imitation only",
+        "MLP student",
+        "nominal teacher",
+        "own teacher (upper bound)",
+    ):
         assert f"| {controller}" in report
     assert (out / "eval_teachers").is_dir() and (out / "eval" / "raptor.json").is_file()
     assert (out / "export" / "raptor_policy.c").is_file()

@@ -273,9 +273,9 @@ def ros_node():
 
 def raptor_student() -> Path:
     """The shipped RAPTOR student; before it is shipped, the lead's distillation run (read-only)."""
-    from robomosaic.ros_nodes.quadrotor_node import default_checkpoint
+    from robomosaic.policies.raptor import PRETRAINED_STUDENT
 
-    for path in (default_checkpoint(), ROOT / "runs/raptor/distill/student/final"):
+    for path in (PRETRAINED_STUDENT, ROOT / "runs/raptor/distill/student/final"):
         if (path / "spec.json").is_file():
             return path
     pytest.skip("no RAPTOR student: neither the packaged one nor runs/raptor/distill/student/final")

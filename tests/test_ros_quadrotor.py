@@ -31,6 +31,7 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from std_msgs.msg import Float32MultiArray  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
 
+from robomosaic.policies.raptor import PRETRAINED_STUDENT  # noqa: E402
 from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos  # noqa: E402
 from robomosaic.ros_nodes.messages import odometry_msg  # noqa: E402
 from robomosaic.ros_nodes.quadrotor_node import (  # noqa: E402
@@ -38,7 +39,6 @@ from robomosaic.ros_nodes.quadrotor_node import (  # noqa: E402
     PX4_FROM_OURS,
     QuadrotorController,
     actions_to_px4,
-    default_checkpoint,
     load_student,
     odometry_sample,
     px4_to_actions,
@@ -56,7 +56,7 @@ STAMP = seconds_to_stamp(0.0)
 
 def _checkpoint() -> Path:
     """The shipped student; before it is shipped, the lead's distillation run (read-only)."""
-    for path in (default_checkpoint(), REPO / "runs/raptor/distill/student/final"):
+    for path in (PRETRAINED_STUDENT, REPO / "runs/raptor/distill/student/final"):
         if (path / "spec.json").is_file():
             return path
     pytest.skip("no RAPTOR student: neither the packaged one nor runs/raptor/distill/student/final")

@@ -3,3 +3,7 @@
 `student.RaptorStudent` is the 2,084-parameter Dense -> GRU -> Dense controller; `export` turns it
 into an ONNX step graph, plain numpy inference (`NumpyStudent`) and a dependency-free C99 file.
 """
+
+from pathlib import Path
+
+PRETRAINED_STUDENT = Path(__file__).parent / "pretrained" / "student"  # the shipped student (package data)

@@ -1,9 +1,9 @@
 """`robomosaic-raptor`: the RAPTOR pipeline in four resumable stages, Hydra overrides after the stage.
 
-    robomosaic-raptor train-teachers out=runs/raptor teachers.n=32   # out/teachers/
-    robomosaic-raptor distill out=runs/raptor                        # out/distill/ (student, mlp)
-    robomosaic-raptor eval out=runs/raptor                           # docs/results/raptor.md, plots
-    robomosaic-raptor export out=runs/raptor                         # out/export/: ONNX, C + header, npz
+    robomosaic-raptor train-teachers out=runs/raptor teachers.n=32  # out/teachers/
+    robomosaic-raptor distill out=runs/raptor     # out/distill/: student, mlp (BC, DAgger, trim)
+    robomosaic-raptor eval out=runs/raptor        # docs/results/raptor.md, plots
+    robomosaic-raptor export out=runs/raptor      # out/export/: ONNX, C + header, npz
 
 Each stage reads what the previous one wrote under `out` and fails with the command to run first
 when it is missing; `resume=true` (the default) continues an interrupted stage. The config is
@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robomosaic.policies.checkpoint import CheckpointError
-from robomosaic.policies.raptor.distill import DistillConfig, distill, load_distilled
+from robomosaic.policies.raptor.distill import POLICY_TYPES, DistillConfig, distill, load_distilled
 from robomosaic.policies.raptor.evaluate import (
     EvalConfig,
     eval_vehicles,
@@ -96,6 +96,14 @@ def _load_policy(out: Path, kind: str, stage: str) -> Any:
     return load_distilled(out / "distill", kind)
 
 
+def _imitation_student(out: Path) -> Any:
+    """The student before the hover trim, when the trim ran (the eval's ablation row), else None."""
+    folder = out / "distill" / "student"
+    if not (folder / "trim" / "spec.json").is_file():
+        return None
+    return POLICY_TYPES["student"].load(folder / "imitation")
+
+
 # ---- stages ------------------------------------------------------------------------------------
 def stage_train_teachers(cfg: DictConfig, out: Path) -> None:
     _train_teacher_ensemble(cfg, out / "teachers", teacher_params(cfg))
@@ -116,7 +124,7 @@ def stage_eval(cfg: DictConfig, out: Path, command: str) -> Path:
     config = EvalConfig.from_dict(_container(cfg.eval))
     params, names, groups = eval_vehicles(config.n_vehicles, config.seed)
     own = _train_teacher_ensemble(cfg, out / "eval_teachers", params) if cfg.own_teachers else None
-    controllers = standard_controllers(student, mlp, teachers, own, params)
+    controllers = standard_controllers(student, mlp, teachers, own, params, _imitation_student(out))
     result = evaluate(controllers, params, groups, config, names, progress=cfg.progress)
     held_out = params.select(torch.nonzero(groups["held-out"]).flatten())
     fit_vehicles = teachers.params.replace(disturbance_force=[0.0, 0.0, 0.0])

@@ -24,6 +24,10 @@ the steps before the vehicle terminated (`mask`). The paper uses Adam at 1e-4 fo
 decay to 1/20 within each stage, batches of 64 episodes, is what lowered the loss in the time
 available (see `DistillConfig`).
 
+3. Hover trim (our addition, trim.py): a short fine-tune through the differentiable simulator on the
+   settled position error, anchored by the imitation loss on the aggregated data; it removes the
+   steady hover offset imitation leaves. The policy before it is kept as `<policy>/imitation`.
+
 A memoryless baseline, `MlpStudent` (22 -> 32 -> 32 -> 4, 1,924 parameters), goes through the same
 stages on the same behaviour-cloning data and flies its own DAgger rollouts.
 
@@ -32,6 +36,8 @@ Output folder (every stage is saved when done; `resume=True` loads finished stag
     bc_data.safetensors                 teacher rollouts (obs, actions, mask, teacher_index)
     <policy>/bc/                        checkpoint after behaviour cloning (policy: student | mlp)
     <policy>/dagger_<i>_data.safetensors, <policy>/dagger_<i>/   each DAgger iteration's data and checkpoint
+    <policy>/imitation/                 the policy after the last imitation stage (before the trim)
+    <policy>/trim/                      after the hover trim
     <policy>/final/                     the last stage's checkpoint
     metrics.jsonl                       per-epoch losses, per-iteration DAgger flight statistics
 """
@@ -53,6 +59,7 @@ from tqdm.auto import tqdm
 
 from robomosaic.policies.checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
 from robomosaic.policies.raptor.student import ACTION_DIM, OBS_DIM, RaptorStudent
+from robomosaic.policies.raptor.trim import TrimConfig, trim
 from robomosaic.sim.quadrotor import dynamics
 from robomosaic.sim.quadrotor.params import QuadrotorParams
 
@@ -480,6 +487,7 @@ class DistillConfig:
     initial_state: dict[str, float] = field(default_factory=dict)  # sample_initial_state overrides
     action_noise: float = 0.1  # std of the noise added to executed actions while collecting data
     dagger_teacher_probability: float = 0.5  # beta at the first DAgger iteration, linearly down to 0
+    trim: dict[str, Any] = field(default_factory=dict)  # TrimConfig fields (trim.py); iterations 0 skips
     seed: int = 0
 
     @classmethod
@@ -491,7 +499,12 @@ class DistillConfig:
         values = dict(values)
         if "mlp_hidden_dims" in values:
             values["mlp_hidden_dims"] = tuple(values["mlp_hidden_dims"])
+        TrimConfig.from_dict(values.get("trim", {}))  # reject a bad trim config before any work
         return cls(**values)
+
+    @property
+    def trim_config(self) -> TrimConfig:
+        return TrimConfig.from_dict(self.trim)
 
 
 def fly_episodes(
@@ -654,12 +667,46 @@ def distill(
             ):
                 _log(out, {"stage": name, "policy": kind, **metrics})
             policy.save(path)
-        final = folder / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        policy.save(final)
+        _replace_checkpoint(policy, folder / "imitation")
+        policy = _trim_stage(
+            policy, policy_type, data, config.trim_config, folder / "trim", out, kind, progress, resume
+        )
+        _replace_checkpoint(policy, folder / "final")
         results[kind] = policy.eval()
     return results
+
+
+def _replace_checkpoint(policy: Policy, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    policy.save(path)
+
+
+def _trim_stage(
+    policy: Policy,
+    policy_type: type[RaptorStudent] | type[MlpStudent],
+    data: ImitationData,
+    config: TrimConfig,
+    path: Path,
+    out: Path,
+    kind: str,
+    progress: bool,
+    resume: bool,
+) -> Policy:
+    """The hover trim of ``policy`` (a no-op for ``config.iterations == 0``), saved to ``path``."""
+    if config.iterations == 0:
+        return policy
+    if resume and _stage_done(path):
+        return policy_type.load(path)
+
+    def anchor(generator: torch.Generator) -> torch.Tensor:
+        batch = torch.randint(len(data), (config.imitation_batch,), generator=generator)
+        return imitation_loss(policy, data.obs[batch], data.actions[batch], data.mask[batch])
+
+    for metrics in trim(policy, anchor, config, progress, f"{kind} trim"):
+        _log(out, {"stage": "trim", "policy": kind, **metrics})
+    policy.save(path)
+    return policy
 
 
 def load_distilled(out: str | Path, kind: str = "student") -> Policy:

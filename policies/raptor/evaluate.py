@@ -160,10 +160,14 @@ def standard_controllers(
     teachers: Teacher | None = None,
     own_teachers: Teacher | None = None,
     eval_params: QuadrotorParams | None = None,
+    imitation_student: Policy | None = None,
 ) -> dict[str, ControllerFactory]:
     """The controllers of the report, by display name. ``own_teachers`` must fly exactly the
-    evaluation vehicles (``eval_params``), teacher i on vehicle i."""
+    evaluation vehicles (``eval_params``), teacher i on vehicle i. ``imitation_student`` is the
+    student before the hover trim (the ablation)."""
     controllers: dict[str, ControllerFactory] = {"student (GRU)": lambda index: PolicyController(student)}
+    if imitation_student is not None:
+        controllers["student, imitation only"] = lambda index: PolicyController(imitation_student)
     if mlp is not None:
         controllers["MLP student"] = lambda index: PolicyController(mlp)
     if teachers is not None:

@@ -8,12 +8,20 @@ in-process. A child process has its own interpreter; only the history and the ch
 
 The child loads the checkpoint itself and keeps the sampling noise stream of the current episode,
 (seed, episode), so results match `ThreadedInference` with the same stream.
+
+`priority` > 0 runs the child under SCHED_FIFO at that priority, as ros2_control's controller
+manager runs its update loop: then nothing at normal priority (a simulator, a logger, a compile job)
+can preempt a chunk half-way. The policy node puts its own control thread one priority above, so
+that control ticks still preempt inference. It needs the right to real-time priorities (root,
+CAP_SYS_NICE or an `rtprio` limit in /etc/security/limits.conf); without it the child stays at
+normal priority and `warning` says why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -24,7 +32,20 @@ Obs = dict[str, np.ndarray]
 STARTUP_TIMEOUT = 120.0  # s for the child to import torch and load the checkpoint
 
 
-def _serve(conn: Connection, checkpoint: str, device: str, threads: int) -> None:
+def set_realtime_priority(priority: int, what: str = "inference") -> str | None:
+    """SCHED_FIFO at ``priority`` for the calling thread (and the threads it starts later); a warning
+    naming ``what`` when not permitted."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except (PermissionError, OSError, AttributeError) as e:
+        return (
+            f"could not run {what} at real-time priority {priority} ({e}); it runs at normal "
+            "priority. Allow it with an rtprio limit (/etc/security/limits.conf) or CAP_SYS_NICE."
+        )
+    return None
+
+
+def _serve(conn: Connection, checkpoint: str, device: str, threads: int, priority: int) -> None:
     """The child: load the policy, then answer (history, committed, stream) with a chunk."""
     import torch
 
@@ -43,7 +64,7 @@ def _serve(conn: Connection, checkpoint: str, device: str, threads: int) -> None
     except Exception as e:  # reported to the parent, which raises it at construction
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", set_realtime_priority(priority) if priority > 0 else None))
     stream, generator = None, None
     while True:
         try:
@@ -65,11 +86,15 @@ def _serve(conn: Connection, checkpoint: str, device: str, threads: int) -> None
 class ProcessInference:
     """Runs `predict_chunk` of the checkpoint in a child process; see the module docstring."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(
+        self, checkpoint: str | Path, device: str = "cpu", threads: int = 0, priority: int = 0
+    ) -> None:
+        if not 0 <= int(priority) <= 99:
+            raise ValueError(f"inference priority {priority}: SCHED_FIFO priorities are 1-99 (0: normal)")
         context = mp.get_context("spawn")  # never fork a process that runs DDS threads
         self._conn, child = context.Pipe()
         self._process = context.Process(
-            target=_serve, args=(child, str(checkpoint), device, int(threads)), daemon=True
+            target=_serve, args=(child, str(checkpoint), device, int(threads), int(priority)), daemon=True
         )
         self._process.start()
         child.close()
@@ -80,6 +105,7 @@ class ProcessInference:
         if kind != "ready":
             self.shutdown()
             raise RuntimeError(f"inference process could not load {checkpoint}: {message}")
+        self.warning: str | None = message  # e.g. the real-time priority was not granted
         self.stream = (0, 0)
         self._requests = 0  # answers to earlier (discarded) requests are recognised by number
         self._pending: tuple[float, float] | None = None  # (request time, wall-clock start)

@@ -30,6 +30,11 @@ Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
   simulated (the chunk is computed inside the control tick and released `inference_delay` seconds
   of node time later, as robomosaic-eval does: with a commanded simulator on `use_sim_time`,
   results do not depend on how loaded the machine is)
+- `realtime_priority` (0: normal scheduling; 2-99, with `inference: process`): the node's control
+  thread runs under SCHED_FIFO at this priority, as ros2_control's controller manager runs its
+  update loop, and the inference process one below, so that no other process on the robot's
+  computer preempts a chunk and control ticks still preempt inference. Needs an rtprio limit or
+  CAP_SYS_NICE; without it a warning is logged and both run at normal priority.
 - `action_min`, `action_max`, `max_delta` (one value per action dimension, or one for all;
   defaults: [-1, 1] for actions whose spec says "normalized [-1, 1]", no rate limit),
   `gripper_dims` (dimensions that keep their last value in the safe command; default: the last
@@ -105,6 +110,7 @@ PARAMETERS: dict[str, Any] = {
     "blend": "none",
     "inference": "process",
     "inference_delay": 0.0,
+    "realtime_priority": 0,
     "deadline": None,
     "max_obs_age": 0.2,
     "action_min": None,
@@ -289,7 +295,7 @@ class PolicyNode(LifecycleNode):
             ExecutorConfig,
             ThreadedInference,
         )
-        from robomosaic.policies.process_inference import ProcessInference
+        from robomosaic.policies.process_inference import ProcessInference, set_realtime_priority
 
         path = str(self._param("checkpoint"))
         if not path:
@@ -381,8 +387,19 @@ class PolicyNode(LifecycleNode):
 
         self.seed = int(self._param("seed"))
         inference, delay = str(self._param("inference")), float(self._param("inference_delay"))
+        priority = int(self._param("realtime_priority"))
+        if priority != 0 and (inference != "process" or not 2 <= priority <= 99):
+            raise ConfigurationError(
+                f"parameter realtime_priority: {priority} needs inference 'process' (got {inference!r}) "
+                "and a value in 2-99 (0: normal scheduling)"
+            )
         if inference == "process":
-            runner = ProcessInference(path, str(self._param("device")), threads)
+            runner = ProcessInference(path, str(self._param("device")), threads, max(priority - 1, 0))
+            if priority:  # this is the thread that spins the executor (configure runs in a callback)
+                warning = set_realtime_priority(priority, "the control thread")
+                for message in (warning, runner.warning):
+                    if message:
+                        self.get_logger().warning(message)
         elif inference == "threaded":
             runner = ThreadedInference(self._predict)
         elif inference == "simulated" and delay >= 0:

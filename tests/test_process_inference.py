@@ -3,6 +3,7 @@ the same noise stream; answers to discarded requests are skipped; load failures 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -58,3 +59,26 @@ def test_process_chunk_equals_in_process_chunk_and_stale_answers_are_skipped() -
 def test_a_checkpoint_that_does_not_load_is_named(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=rf"could not load {tmp_path}"):
         ProcessInference(tmp_path)
+
+
+def test_realtime_priority_is_applied_or_the_warning_says_why() -> None:
+    with pytest.raises(ValueError, match="1-99"):
+        ProcessInference(CHECKPOINT, priority=100)
+    runner = ProcessInference(CHECKPOINT, priority=10)
+    try:
+        pid = runner._process.pid
+        if runner.warning is None:  # permitted (root, CAP_SYS_NICE or an rtprio limit)
+            assert os.sched_getscheduler(pid) == os.SCHED_FIFO
+            assert os.sched_getparam(pid).sched_priority == 10
+        else:
+            assert "real-time priority 10" in runner.warning and "rtprio" in runner.warning
+            assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+        runner.submit(_zero_history(), None, now=0.0)
+        assert wait(runner)[0].ndim == 2  # and it still computes chunks
+    finally:
+        runner.shutdown()
+
+
+def _zero_history() -> dict[str, np.ndarray]:
+    policy = load_policy(CHECKPOINT)
+    return {k: np.zeros((policy.n_obs_steps, *s.shape), dtype=s.dtype) for k, s in policy.obs_spec.items()}

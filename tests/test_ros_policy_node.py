@@ -352,6 +352,11 @@ def test_configure_fails_naming_the_mismatch(robot: Robot) -> None:
     )
     diagnostics = robot.latest_diagnostics(0.0)
     assert "trajectory_joint_names" in diagnostics["message"]
+    # real-time scheduling: 1 would leave no lower priority for the inference process
+    robot.set_params(command_type="forward", realtime_priority=1)
+    assert not robot.transition("configure")
+    assert "parameter realtime_priority: 1 needs inference 'process'" in node_log(robot)
+    robot.set_params(realtime_priority=0)
 
 
 def wait_until(condition, timeout: float, what: str) -> None:

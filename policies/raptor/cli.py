@@ -134,6 +134,11 @@ def stage_eval(cfg: DictConfig, out: Path, command: str) -> Path:
         if own is None
         else "Own teachers: an ensemble trained (same teacher config) on exactly the evaluation vehicles."
     )
+    if "student, imitation only" in controllers:
+        notes += (
+            " Student (GRU) is the distilled student after its hover trim (policies/raptor/trim.py); "
+            "'student, imitation only' is the same student before it (behaviour cloning and DAgger only)."
+        )
     report = write_report(result, cfg.report_dir, command, notes)
     (out / "eval").mkdir(parents=True, exist_ok=True)
     (out / "eval" / "raptor.json").write_text(json.dumps(result.to_dict(), indent=1))

@@ -172,6 +172,11 @@ def test_linear_probe_and_report(tmp_path):
     path = ev.write_report(result, tmp_path, command="pytest")
     text = path.read_text()
     assert "| own teacher (upper bound) | mujoco |" in text and "## x500" in text and "R^2" in text
+    # the targets section divides the student's hover RMSE by its own teacher's, per group and simulator
+    student = result.metrics["student (GRU)"]["torch"]
+    own = result.metrics["own teacher (upper bound)"]["torch"]
+    ratio = student["x500"]["hover_rmse"] / own["x500"]["hover_rmse"]
+    assert f"| x500 | torch | {100 * student['x500']['survival']:.1f}% | {ratio:.2f}x |" in text
     assert (tmp_path / "raptor_figure_eight.png").stat().st_size > 1000
     assert (tmp_path / "raptor_hover_recovery.png").stat().st_size > 1000
     assert (tmp_path / "raptor.json").is_file()

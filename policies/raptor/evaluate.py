@@ -20,7 +20,8 @@ goes faster than 10 m/s or spins faster than 35 rad/s, or its state goes non-fin
 
 Every RMSE is reported with how many runs it covers when some terminated.
 
-Controllers (``standard_controllers``): the student; the MLP student; one nominal teacher flying every
+Controllers (``standard_controllers``): the student; the student before its hover trim (the
+ablation, when distillation trimmed it); the MLP student; one nominal teacher flying every
 vehicle (the teacher whose vehicle is closest to the median teacher vehicle in log thrust-to-weight,
 log mass and log torque-to-inertia); and each vehicle's own teacher, the upper bound. Held-out
 vehicles have no teacher of their own, so that baseline needs an ensemble trained on exactly the
@@ -62,6 +63,7 @@ from robomosaic.sim.quadrotor.mujoco_model import MujocoQuadrotor
 from robomosaic.sim.quadrotor.params import PRESETS, QuadrotorParams, preset, sample_params
 
 EVAL_SEED = 1_000_000
+OWN_TEACHER = "own teacher (upper bound)"  # the display name of the upper-bound baseline
 METRICS = ("survival", "hover_rmse", "figure_eight_rmse", "wind_rmse")
 ControllerFactory = Callable[[torch.Tensor], Controller]  # vehicle index (N,) into the eval set -> controller
 
@@ -178,7 +180,7 @@ def standard_controllers(
     if own_teachers is not None:
         if eval_params is None or not _same_vehicles(own_teachers.params, eval_params):
             raise ValueError("own_teachers: its teachers' vehicles are not the evaluation vehicles")
-        controllers["own teacher (upper bound)"] = lambda index: TeacherController(own_teachers, index)
+        controllers[OWN_TEACHER] = lambda index: TeacherController(own_teachers, index)
     return controllers
 
 
@@ -396,6 +398,21 @@ def results_table(result: EvalResult, group: str) -> str:
     return "\n".join(lines)
 
 
+def target_lines(result: EvalResult, student: str) -> list[str]:
+    """The issue's targets, read off the tables: survival >= 95 %, hover RMSE within 1.5x of the own
+    teachers' (a section of the report; empty without own teachers)."""
+    if OWN_TEACHER not in result.metrics:
+        return []
+    lines = ["## Targets: student survival >= 95 %, hover RMSE <= 1.5x own teacher", ""]
+    lines += ["| group | simulator | survival | hover RMSE / own teacher's |", "|---|---|---|---|"]
+    for simulator, by_group in result.metrics[student].items():
+        for group, summary in by_group.items():
+            own = result.metrics[OWN_TEACHER][simulator][group]["hover_rmse"]
+            ratio = summary["hover_rmse"] / own if own > 0 else math.nan
+            lines.append(f"| {group} | {simulator} | {100 * summary['survival']:.1f}% | {ratio:.2f}x |")
+    return [*lines, ""]
+
+
 def plot_figure_eight(result: EvalResult, controller: str, vehicles: list[int], path: Path) -> Path:
     import matplotlib
 
@@ -488,6 +505,7 @@ def write_report(result: EvalResult, out_dir: str | Path, command: str = "", not
     ]
     for group in groups:
         sections += [f"## {group}", "", results_table(result, group), ""]
+    sections += target_lines(result, student)
     if result.probe is not None:
         p = result.probe
         sections += [

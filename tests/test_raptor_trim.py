@@ -39,16 +39,18 @@ def settled_rmse(policy: nn.Module, seed: int = 7) -> tuple[float, int]:
 
 def test_trim_removes_a_thrust_bias():
     torch.manual_seed(0)
+    unbiased, _ = settled_rmse(BiasedStudent(bias=0.0))
     policy = BiasedStudent(bias=0.08)
     before, survived_before = settled_rmse(policy)
     config = TrimConfig(iterations=20, vehicles=16, episode_steps=150, settle_steps=75, lr=0.01)
     metrics = list(trim(policy, lambda generator: torch.zeros(()), config))
     after, survived_after = settled_rmse(policy)
-    print(f"bias {policy.bias.tolist()}: RMSE {before:.3f} -> {after:.3f} m")
+    print(f"bias {policy.bias.tolist()}: RMSE {before:.3f} -> {after:.3f} m (unbiased {unbiased:.3f} m)")
     assert len(metrics) == 20 and metrics[-1]["skipped"] == 0
-    assert before > 0.5, "the bias should lift the vehicles well above their target"
-    assert after < 0.5 * before and survived_after >= survived_before
-    assert policy.bias.abs().max() < 0.05
+    assert before > unbiased + 0.2, "the bias should lift the vehicles well above their target"
+    # the trim takes the injected bias out again: back to (about) the student's own error
+    assert policy.bias.abs().max() < 0.04
+    assert after < unbiased + 0.25 * (before - unbiased) and survived_after >= survived_before
 
 
 def test_settled_position_loss_has_a_gradient_through_the_simulator():

@@ -1,6 +1,6 @@
 """RAPTOR meta-imitation: distil K RL teachers (one per quadrotor) into one recurrent student.
 
-Two stages, as in the paper (rl-tools `src/foundation_policy/post_training`):
+Two stages as in the paper (rl-tools `src/foundation_policy/post_training`), then one of ours:
 
 1. Behaviour cloning. Every teacher flies its own quadrotor from random initial states (tilt up to
    90 degrees) towards a reference (hover at the origin, or a random Lissajous path); the student's

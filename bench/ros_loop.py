@@ -18,6 +18,10 @@ are busy) it measures, at 100 Hz:
   its /diagnostics) and of the commands' arrivals here (adds the DDS hop); deadline misses as the node
   counts them (a step finishing after the next step's deadline).
 
+Both ROS measurements run twice: at normal priority (the node's default) and with
+``realtime_priority:=50`` (the node's executor and control threads under SCHED_FIFO; this process
+stays at normal priority).
+
 ROS overhead = ROS latency - in-process latency (p50 and p99). Targets (issue 6): overhead p99 < 5 ms,
 period jitter p99 < 2 ms idle, no deadline misses idle. Domain ROS_DOMAIN_ID 16.
 
@@ -64,6 +68,7 @@ from robomosaic.ros_nodes.quadrotor_node import (
 
 REPO = Path(__file__).resolve().parents[1]
 HZ = 100.0
+REALTIME_PRIORITY = 50  # the nodes' realtime_priority in the rows that use it (SCHED_FIFO)
 LOAD_CODE = "import numpy as np\na = np.random.rand(400, 400)\nwhile True:\n    a @ a\n"
 
 
@@ -171,14 +176,14 @@ class Bench:
         self.node.destroy_node()
 
 
-def start_node(checkpoint: Path, trigger: str) -> subprocess.Popen:
+def start_node(checkpoint: Path, trigger: str, priority: int = 0) -> subprocess.Popen:
     args = [
         sys.executable,
         "-m",
         "robomosaic.ros_nodes.quadrotor_node",
         "--ros-args",
         *("-p", f"checkpoint:={checkpoint}", "-p", "armed:=true", "-p", f"trigger:={trigger}"),
-        *("-p", f"control_hz:={HZ}", "-p", "max_odom_age:=0.1"),
+        *("-p", f"control_hz:={HZ}", "-p", "max_odom_age:=0.1", "-p", f"realtime_priority:={priority}"),
     ]
     return subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
 
@@ -204,8 +209,8 @@ def warm_up(bench: Bench, proc: subprocess.Popen, timeout: float = 120.0) -> Non
     raise TimeoutError(f"quadrotor_node did not answer within {timeout} s")
 
 
-def ros_latency(bench: Bench, checkpoint: Path, seconds: float) -> dict[str, object]:
-    proc = start_node(checkpoint, "odom")
+def ros_latency(bench: Bench, checkpoint: Path, seconds: float, priority: int = 0) -> dict[str, object]:
+    proc = start_node(checkpoint, "odom", priority)
     try:
         warm_up(bench, proc)
         published, received = bench.stream(seconds)
@@ -221,8 +226,8 @@ def ros_latency(bench: Bench, checkpoint: Path, seconds: float) -> dict[str, obj
     return {"latency": stats_ms(latency), "misses": misses, "messages": len(published)}
 
 
-def ros_jitter(bench: Bench, checkpoint: Path, seconds: float) -> dict[str, object]:
-    proc = start_node(checkpoint, "timer")
+def ros_jitter(bench: Bench, checkpoint: Path, seconds: float, priority: int = 0) -> dict[str, object]:
+    proc = start_node(checkpoint, "timer", priority)
     try:
         warm_up(bench, proc)
         bench.diagnostics = {}
@@ -255,6 +260,8 @@ def run_condition(
             "in_process": in_process(checkpoint, seconds),
             "ros": ros_latency(bench, checkpoint, seconds),
             "timer": ros_jitter(bench, checkpoint, seconds),
+            "ros_rt": ros_latency(bench, checkpoint, seconds, REALTIME_PRIORITY),
+            "timer_rt": ros_jitter(bench, checkpoint, seconds, REALTIME_PRIORITY),
         }
         if arm is not None:
             result["arm"] = {
@@ -409,27 +416,25 @@ def table(results: dict[str, dict[str, object]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        inp, ros, timer = r["in_process"], r["ros"], r["timer"]
-        li, lr = inp["latency"], ros["latency"]
+        inp = r["in_process"]
+        li = inp["latency"]
         lines.append(
             f"| {name} | in-process (PeriodicThread, numpy) | {li['p50']:.3f} / {li['p99']:.3f} | — | "
             f"{inp['jitter']['p50']:.3f} / {inp['jitter']['p99']:.3f} | {inp['misses']} |"
         )
-        lines.append(
-            f"| {name} | ROS, trigger odom (latency) | {lr['p50']:.3f} / {lr['p99']:.3f} | "
-            f"{lr['p50'] - li['p50']:.3f} / {lr['p99'] - li['p99']:.3f} | — | "
-            f"{ros['misses']} of {ros['messages']} |"
-        )
-        aj = timer["arrival_jitter"]
-        lines.append(
-            f"| {name} | ROS, trigger timer (node's control steps) | — | — | "
-            f"{timer['node_jitter_p50']:.3f} / {timer['node_jitter_p99']:.3f} | "
-            f"{timer['node_misses']} of {timer['node_ticks']} |"
-        )
-        lines.append(
-            f"| {name} | ROS, trigger timer (command arrivals here) | — | — | "
-            f"{aj['p50']:.3f} / {aj['p99']:.3f} | — |"
-        )
+        for suffix, how in (("", ""), ("_rt", f", realtime_priority:={REALTIME_PRIORITY}")):
+            ros, timer = r["ros" + suffix], r["timer" + suffix]
+            lr, aj = ros["latency"], timer["arrival_jitter"]
+            lines += [
+                f"| {name} | ROS{how}, trigger odom (latency) | {lr['p50']:.3f} / {lr['p99']:.3f} | "
+                f"{lr['p50'] - li['p50']:.3f} / {lr['p99'] - li['p99']:.3f} | — | "
+                f"{ros['misses']} of {ros['messages']} |",
+                f"| {name} | ROS{how}, trigger timer (node's control steps) | — | — | "
+                f"{timer['node_jitter_p50']:.3f} / {timer['node_jitter_p99']:.3f} | "
+                f"{timer['node_misses']} of {timer['node_ticks']} |",
+                f"| {name} | ROS{how}, trigger timer (command arrivals here) | — | — | "
+                f"{aj['p50']:.3f} / {aj['p99']:.3f} | — |",
+            ]
     return "\n".join(lines)
 
 

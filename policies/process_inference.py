@@ -34,7 +34,8 @@ STARTUP_TIMEOUT = 120.0  # s for the child to import torch and load the checkpoi
 
 def set_realtime_priority(priority: int, what: str = "inference") -> str | None:
     """SCHED_FIFO at ``priority`` for the calling thread (and the threads it starts later); a warning
-    naming ``what`` when not permitted."""
+    naming ``what`` when not permitted. Shared by the inference process, the policy node's control
+    thread and the quadrotor node's control loop."""
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     except (PermissionError, OSError, AttributeError) as e:

@@ -60,7 +60,9 @@ Parameters:
 - ``initial_action`` (0.0): the "previous action" the student sees at its first step after arming,
   in [-1, 1]; training started it at the vehicle's hover action, so set ``2 x hover command - 1`` when
   the hover command is known (-1, motors off, is out of distribution and can make a weak vehicle diverge)
-- ``realtime_priority`` (0: off; 1-99 runs the control thread SCHED_FIFO, needs the privilege)
+- ``realtime_priority`` (0: off; 1-99 runs the control thread and the executor thread, which runs
+  the control step with ``trigger: odom``, under SCHED_FIFO; needs an rtprio limit or CAP_SYS_NICE,
+  else a warning and normal priority)
 
 Faults. Odometry older than ``max_odom_age`` (measured from its arrival, so sensor and node clocks
 need not agree) or never received -> the failsafe command at every control step, within one period
@@ -90,6 +92,7 @@ from typing import Any
 
 import numpy as np
 
+from robomosaic.policies.process_inference import set_realtime_priority
 from robomosaic.policies.raptor import PRETRAINED_STUDENT
 from robomosaic.policies.raptor.export import NumpyStudent
 from robomosaic.ros_nodes.common import require_rclpy
@@ -278,13 +281,8 @@ class PeriodicThread:
             self._thread.join(timeout=2 * self.period + 1.0)
 
     def _run(self) -> None:
-        import os
-
         if self.priority > 0:
-            try:
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
-            except (PermissionError, OSError, AttributeError) as e:
-                self.priority_error = str(e)
+            self.priority_error = set_realtime_priority(self.priority, "the control thread")
         deadline = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -407,9 +405,12 @@ class QuadrotorNode(Node):
         self._message.layout.dim = [MultiArrayDimension(label="motors", size=4, stride=4)]
         # trigger "odom": the same thread only watches for stale odometry (and sends NaNs disarmed)
         tick = self._tick if self.trigger == "timer" else self._watch
-        self.loop = PeriodicThread(
-            self.period, tick, "raptor-control", int(get("realtime_priority").value), self._on_loop_error
-        )
+        priority = int(get("realtime_priority").value)
+        if priority > 0:  # this thread spins the executor: with trigger "odom" it runs the control step
+            warning = set_realtime_priority(priority, "the executor thread")
+            if warning:
+                self.get_logger().warning(warning)
+        self.loop = PeriodicThread(self.period, tick, "raptor-control", priority, self._on_loop_error)
         self.loop.start()
         how = f"{self.control_hz:g} Hz on a wall-clock thread" if tick == self._tick else "on every odometry"
         armed = "armed" if self._armed else "disarmed (call ~/arm)"

@@ -25,11 +25,19 @@ import os
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 Obs = dict[str, np.ndarray]
 STARTUP_TIMEOUT = 120.0  # s for the child to import torch and load the checkpoint
+
+
+class WarmUp(NamedTuple):
+    """The child's first inference, on a zero history."""
+
+    chunk_shape: tuple[int, ...]
+    seconds: float
 
 
 def set_realtime_priority(priority: int, what: str = "inference") -> str | None:
@@ -58,14 +66,16 @@ def _serve(conn: Connection, checkpoint: str, device: str, threads: int, priorit
             torch.set_num_threads(threads)
         policy = load_policy(checkpoint).to(torch.device(device))
         # one inference on a zero history here, where inference runs, so that the first real chunk
-        # is not slowed by lazy setup
-        policy.predict_chunk(
+        # is not slowed by lazy setup; its shape and time go to the parent (the node checks and logs them)
+        start = time.perf_counter()
+        chunk = policy.predict_chunk(
             {k: np.zeros((policy.n_obs_steps, *s.shape), dtype=s.dtype) for k, s in policy.obs_spec.items()}
         )
+        warm_up = WarmUp(tuple(np.shape(chunk)), time.perf_counter() - start)
     except Exception as e:  # reported to the parent, which raises it at construction
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", set_realtime_priority(priority) if priority > 0 else None))
+    conn.send(("ready", (warm_up, set_realtime_priority(priority) if priority > 0 else None)))
     stream, generator = None, None
     while True:
         try:
@@ -106,7 +116,8 @@ class ProcessInference:
         if kind != "ready":
             self.shutdown()
             raise RuntimeError(f"inference process could not load {checkpoint}: {message}")
-        self.warning: str | None = message  # e.g. the real-time priority was not granted
+        self.warm_up: WarmUp = message[0]
+        self.warning: str | None = message[1]  # e.g. the real-time priority was not granted
         self.stream = (0, 0)
         self._requests = 0  # answers to earlier (discarded) requests are recognised by number
         self._pending: tuple[float, float] | None = None  # (request time, wall-clock start)

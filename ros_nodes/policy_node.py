@@ -415,7 +415,7 @@ class PolicyNode(LifecycleNode):
             self.action_dim,
             hold=lambda last: self.safety.safe_command(),
         )
-        self._warm_up(policy)
+        self._warm_up(policy, runner)
         self._make_entities()
         self.policy = policy  # last: the diagnostics and services read it as "configured"
         self.get_logger().info(
@@ -427,19 +427,25 @@ class PolicyNode(LifecycleNode):
             + f"; {self.command_type} commands on {self.command_topic} at {self.control_hz:g} Hz"
         )
 
-    def _warm_up(self, policy: Any) -> None:
-        """One inference on a zero history, so the first real chunk is not slowed by lazy setup."""
-        history = {
-            k: np.zeros((policy.n_obs_steps, *s.shape), dtype=np.dtype(s.dtype))
-            for k, s in self.obs_spec.items()
-        }
-        start = time.perf_counter()
-        chunk = policy.predict_chunk(history, None)
-        if chunk.shape[1] != self.action_dim:
+    def _warm_up(self, policy: Any, runner: Any) -> None:
+        """One inference on a zero history where inference runs, so that the first real chunk is not
+        slowed by lazy setup, and a check of the chunk's shape. The inference process has done it on
+        its own already; the other runners compute in this process."""
+        if hasattr(runner, "warm_up"):  # ProcessInference
+            shape, seconds = runner.warm_up
+        else:
+            history = {
+                k: np.zeros((policy.n_obs_steps, *s.shape), dtype=np.dtype(s.dtype))
+                for k, s in self.obs_spec.items()
+            }
+            start = time.perf_counter()
+            shape = policy.predict_chunk(history, None).shape
+            seconds = time.perf_counter() - start
+        if shape[1] != self.action_dim:
             raise ConfigurationError(
-                f"the policy returns chunks of shape {chunk.shape}, expected (*, {self.action_dim})"
+                f"the policy returns chunks of shape {shape}, expected (*, {self.action_dim})"
             )
-        self.get_logger().info(f"warm-up inference: {1000 * (time.perf_counter() - start):.0f} ms")
+        self.get_logger().info(f"warm-up inference: {1000 * seconds:.0f} ms")
 
     def _make_entities(self) -> None:
         message_type, default_topic = COMMAND_TYPES[self.command_type]

@@ -11,8 +11,8 @@ The child loads the checkpoint itself and keeps the sampling noise stream of the
 
 `priority` > 0 runs the child under SCHED_FIFO at that priority, as ros2_control's controller
 manager runs its update loop: then nothing at normal priority (a simulator, a logger, a compile job)
-can preempt a chunk half-way. The policy node puts its own control thread one priority above, so
-that control ticks still preempt inference. It needs the right to real-time priorities (root,
+can preempt a chunk half-way. The policy node puts its own threads one priority above, so that
+control ticks still preempt inference. It needs the right to real-time priorities (root,
 CAP_SYS_NICE or an `rtprio` limit in /etc/security/limits.conf); without it the child stays at
 normal priority and `warning` says why.
 """
@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import os
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from robomosaic.policies.realtime import freeze_startup_objects, set_realtime_priority
 
 Obs = dict[str, np.ndarray]
 STARTUP_TIMEOUT = 120.0  # s for the child to import torch and load the checkpoint
@@ -38,20 +39,6 @@ class WarmUp(NamedTuple):
 
     chunk_shape: tuple[int, ...]
     seconds: float
-
-
-def set_realtime_priority(priority: int, what: str = "inference") -> str | None:
-    """SCHED_FIFO at ``priority`` for the calling thread (and the threads it starts later); a warning
-    naming ``what`` when not permitted. Shared by the inference process, the policy node's control
-    thread and the quadrotor node's control loop."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-    except (PermissionError, OSError, AttributeError) as e:
-        return (
-            f"could not run {what} at real-time priority {priority} ({e}); it runs at normal "
-            "priority. Allow it with an rtprio limit (/etc/security/limits.conf) or CAP_SYS_NICE."
-        )
-    return None
 
 
 def _serve(conn: Connection, checkpoint: str, device: str, threads: int, priority: int) -> None:
@@ -72,10 +59,11 @@ def _serve(conn: Connection, checkpoint: str, device: str, threads: int, priorit
             {k: np.zeros((policy.n_obs_steps, *s.shape), dtype=s.dtype) for k, s in policy.obs_spec.items()}
         )
         warm_up = WarmUp(tuple(np.shape(chunk)), time.perf_counter() - start)
+        freeze_startup_objects()  # no collector pause of tens of ms inside a later chunk
     except Exception as e:  # reported to the parent, which raises it at construction
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", (warm_up, set_realtime_priority(priority) if priority > 0 else None)))
+    conn.send(("ready", (warm_up, set_realtime_priority(priority, "inference") if priority > 0 else None)))
     stream, generator = None, None
     while True:
         try:

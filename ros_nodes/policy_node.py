@@ -30,8 +30,9 @@ Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
   simulated (the chunk is computed inside the control tick and released `inference_delay` seconds
   of node time later, as robomosaic-eval does: with a commanded simulator on `use_sim_time`,
   results do not depend on how loaded the machine is)
-- `realtime_priority` (0: normal scheduling; 2-99, with `inference: process`): the node's control
-  thread runs under SCHED_FIFO at this priority, as ros2_control's controller manager runs its
+- `realtime_priority` (0: normal scheduling; 2-99, with `inference: process`): the node's threads
+  (the control thread and the middleware's, which deliver the observations) run under SCHED_FIFO
+  at this priority, as ros2_control's controller manager runs its
   update loop, and the inference process one below, so that no other process on the robot's
   computer preempts a chunk and control ticks still preempt inference. Needs an rtprio limit or
   CAP_SYS_NICE; without it a warning is logged and both run at normal priority.
@@ -59,6 +60,7 @@ rate-limited by `max_delta`; the safe command is never rate-limited.
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
@@ -295,7 +297,8 @@ class PolicyNode(LifecycleNode):
             ExecutorConfig,
             ThreadedInference,
         )
-        from robomosaic.policies.process_inference import ProcessInference, set_realtime_priority
+        from robomosaic.policies.process_inference import ProcessInference
+        from robomosaic.policies.realtime import freeze_startup_objects, set_realtime_priority
 
         path = str(self._param("checkpoint"))
         if not path:
@@ -395,8 +398,9 @@ class PolicyNode(LifecycleNode):
             )
         if inference == "process":
             runner = ProcessInference(path, str(self._param("device")), threads, max(priority - 1, 0))
-            if priority:  # this is the thread that spins the executor (configure runs in a callback)
-                warning = set_realtime_priority(priority, "the control thread")
+            if priority:  # configure runs in a callback: this thread spins the executor and runs the
+                # control timer; the middleware's threads deliver the observations: all real-time
+                warning = set_realtime_priority(priority, "the node's threads", threads="process")
                 for message in (warning, runner.warning):
                     if message:
                         self.get_logger().warning(message)
@@ -417,6 +421,7 @@ class PolicyNode(LifecycleNode):
         )
         self._warm_up(policy, runner)
         self._make_entities()
+        freeze_startup_objects()  # the model is loaded: no collector pause of tens of ms in control
         self.policy = policy  # last: the diagnostics and services read it as "configured"
         self.get_logger().info(
             f"configured {path}: {type(policy).__name__}, observations "
@@ -498,6 +503,7 @@ class PolicyNode(LifecycleNode):
         self._destroy_entities()
         self._release_runner()
         self.policy = None
+        gc.unfreeze()  # configure froze the model's objects; its reference cycles can be freed now
         return TransitionCallbackReturn.SUCCESS
 
     def _release_runner(self) -> None:

@@ -60,8 +60,9 @@ Parameters:
 - ``initial_action`` (0.0): the "previous action" the student sees at its first step after arming,
   in [-1, 1]; training started it at the vehicle's hover action, so set ``2 x hover command - 1`` when
   the hover command is known (-1, motors off, is out of distribution and can make a weak vehicle diverge)
-- ``realtime_priority`` (0: off; 1-99 runs the control thread and the executor thread, which runs
-  the control step with ``trigger: odom``, under SCHED_FIFO; needs an rtprio limit or CAP_SYS_NICE,
+- ``realtime_priority`` (0: off; 1-99 runs all the node's threads under SCHED_FIFO: the control
+  thread, the executor thread, which runs the control step with ``trigger: odom``, and the
+  middleware's threads, which deliver the odometry; needs an rtprio limit or CAP_SYS_NICE,
   else a warning and normal priority)
 
 Faults. Odometry older than ``max_odom_age`` (measured from its arrival, so sensor and node clocks
@@ -92,9 +93,9 @@ from typing import Any
 
 import numpy as np
 
-from robomosaic.policies.process_inference import set_realtime_priority
 from robomosaic.policies.raptor import PRETRAINED_STUDENT
 from robomosaic.policies.raptor.export import NumpyStudent
+from robomosaic.policies.realtime import freeze_startup_objects, set_realtime_priority
 from robomosaic.ros_nodes.common import require_rclpy
 
 require_rclpy()
@@ -406,10 +407,12 @@ class QuadrotorNode(Node):
         # trigger "odom": the same thread only watches for stale odometry (and sends NaNs disarmed)
         tick = self._tick if self.trigger == "timer" else self._watch
         priority = int(get("realtime_priority").value)
-        if priority > 0:  # this thread spins the executor: with trigger "odom" it runs the control step
-            warning = set_realtime_priority(priority, "the executor thread")
+        if priority > 0:  # this thread spins the executor (with trigger "odom" it runs the control
+            # step); the middleware's threads deliver the odometry: all real-time
+            warning = set_realtime_priority(priority, "the node's threads", threads="process")
             if warning:
                 self.get_logger().warning(warning)
+        freeze_startup_objects()  # before the loop starts: no collector pause of tens of ms in flight
         self.loop = PeriodicThread(self.period, tick, "raptor-control", priority, self._on_loop_error)
         self.loop.start()
         how = f"{self.control_hz:g} Hz on a wall-clock thread" if tick == self._tick else "on every odometry"

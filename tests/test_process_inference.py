@@ -1,9 +1,12 @@
 """ProcessInference: the chunk computed in a child process equals the one computed in-process with
-the same noise stream; answers to discarded requests are skipped; load failures name the checkpoint."""
+the same noise stream; answers to discarded requests are skipped; load failures name the checkpoint;
+real-time priority for the child and (policies/realtime.py) for every thread of a process."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 
 from robomosaic.policies.checkpoint import load_policy
 from robomosaic.policies.process_inference import ProcessInference
+from robomosaic.policies.realtime import set_realtime_priority
 from robomosaic.policies.rollout import episode_generator
 
 CHECKPOINT = Path(__file__).parent / "assets" / "lift_flow"
@@ -82,3 +86,30 @@ def test_realtime_priority_is_applied_or_the_warning_says_why() -> None:
 def _zero_history() -> dict[str, np.ndarray]:
     policy = load_policy(CHECKPOINT)
     return {k: np.zeros((policy.n_obs_steps, *s.shape), dtype=s.dtype) for k, s in policy.obs_spec.items()}
+
+
+REALTIME_SCRIPT = """
+import os, threading
+from robomosaic.policies.realtime import set_realtime_priority
+stop = threading.Event()
+threading.Thread(target=stop.wait).start()  # stands in for a middleware thread started earlier
+def policies():
+    return sorted({(os.sched_getscheduler(t), os.sched_getparam(t).sched_priority)
+                   for t in map(int, os.listdir("/proc/self/task"))})
+print(repr(set_realtime_priority(10, "the test", threads="process")), policies())
+print(repr(set_realtime_priority(0, "the test", threads="process")), policies())
+stop.set()
+"""
+
+
+def test_set_realtime_priority_reaches_every_thread_and_back() -> None:
+    with pytest.raises(ValueError, match="for the test: SCHED_FIFO priorities are 1-99"):
+        set_realtime_priority(100, "the test")
+    # in a child process: this one (pytest) must keep its scheduling
+    out = subprocess.run([sys.executable, "-c", REALTIME_SCRIPT], capture_output=True, text=True, check=True)
+    raised, restored = out.stdout.splitlines()
+    if raised.startswith("None"):  # permitted: both threads real-time, then both normal again
+        assert raised == f"None [({os.SCHED_FIFO}, 10)]"
+        assert restored == f"None [({os.SCHED_OTHER}, 0)]"
+    else:
+        assert "rtprio" in raised and raised.endswith(f"[({os.SCHED_OTHER}, 0)]")

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -334,6 +335,23 @@ def test_controller_holds_hover_through_ros(processes, probe):
 
 # ---- faults ---------------------------------------------------------------------------------------
 HZ, MAX_AGE = 100.0, 0.03
+
+
+def test_realtime_priority_covers_every_thread_of_the_node(processes, probe):
+    """realtime_priority puts all the node's threads under SCHED_FIFO, the middleware's too (they
+    deliver the odometry a control step waits for), or the node says why it could not."""
+    proc = processes.start("quadrotor_node", checkpoint=_checkpoint(), control_hz=HZ, realtime_priority=10)
+    probe.wait_for("diagnostics", lambda: probe.diagnostics, 90, processes)
+    policies = {}
+    for tid in map(int, os.listdir(f"/proc/{proc.pid}/task")):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has ended since
+            policies[tid] = (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
+    assert len(policies) > 2, "expected the middleware's threads besides the executor and control threads"
+    if probe.diagnostics[-1]["realtime_priority_error"] == "":  # permitted here
+        assert set(policies.values()) == {(os.SCHED_FIFO, 10)}, policies
+    else:
+        assert "rtprio" in ros_processes.node_output(proc)
+        assert {policy for policy, _ in policies.values()} == {os.SCHED_OTHER}
 
 
 @pytest.mark.parametrize("trigger", ["timer", "odom"])

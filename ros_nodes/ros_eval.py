@@ -208,13 +208,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """robomosaic-ros-eval (standard ROS arguments: --ros-args -p episodes:=10 ...)."""
     require_rclpy()
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
 
     args = list(sys.argv if argv is None else ["robomosaic-ros-eval", *argv])
     rclpy.init(args=args)
     driver = _make_driver_class()()
     params = driver.params
-    executor = MultiThreadedExecutor(num_threads=2)
+    # one thread spins the callbacks (all short); this thread drives the episodes and waits on their
+    # futures: the nodes' reason for a single-threaded executor (ros_nodes/common.py) holds here too
+    executor = SingleThreadedExecutor()
     executor.add_node(driver)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()

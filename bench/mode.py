@@ -45,14 +45,10 @@ from robomosaic.policies.denoising_policy import DenoisingPolicy
 from robomosaic.policies.networks import ModeDenoiser, MoEFeedForward
 from robomosaic.policies.samplers import sample
 from robomosaic.sim.measure_experts import machine
+from robomosaic.sim.tasks import ACTION_SPEC, PROPRIO_KEYS
 
-OBS = {
-    "robot0_eef_pos": KeySpec((3,), "float64"),
-    "robot0_eef_quat": KeySpec((4,), "float64"),
-    "robot0_gripper_qpos": KeySpec((2,), "float64"),
-    "object": KeySpec((10,), "float64"),
-}
-ACTION = KeySpec((7,), "float32")
+OBS = {**PROPRIO_KEYS, "object": KeySpec((10,), "float64")}  # lift's state observation (10: its cube)
+ACTION = ACTION_SPEC
 HORIZON, N_OBS, STEPS = 16, 2, 10
 EXPERTS, TOP_K, WIDTH = 4, 2, 256
 MODE = {

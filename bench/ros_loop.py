@@ -19,8 +19,9 @@ are busy) it measures, at 100 Hz:
   counts them (a step finishing after the next step's deadline).
 
 Both ROS measurements run twice: at normal priority (the node's default) and with
-``realtime_priority:=50`` (the node's executor and control threads under SCHED_FIFO; this process
-stays at normal priority).
+``realtime_priority:=50`` (all the node's threads under SCHED_FIFO); in the second, this process,
+which plays the flight controller's driver, runs its ROS threads (the odometry thread, its
+executor and the middleware's threads) at the same priority, as a real-time driver would.
 
 ROS overhead = ROS latency - in-process latency (p50 and p99). Targets (issue 6): overhead p99 < 5 ms,
 period jitter p99 < 2 ms idle, no deadline misses idle. Domain ROS_DOMAIN_ID 16.
@@ -38,11 +39,13 @@ deadline misses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("ROS_DOMAIN_ID", "16")
@@ -57,6 +60,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from robomosaic.policies.raptor import PRETRAINED_STUDENT
+from robomosaic.policies.realtime import freeze_startup_objects, set_realtime_priority
 from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos
 from robomosaic.ros_nodes.messages import odometry_msg
 from robomosaic.ros_nodes.quadrotor_node import (
@@ -135,6 +139,22 @@ class Bench:
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
+        self.priority = 0
+
+    @contextlib.contextmanager
+    def realtime(self, priority: int) -> Iterator[None]:
+        """This process's ROS threads under SCHED_FIFO ``priority`` (the main thread, which starts the
+        nodes, stays at normal priority so that they start at normal priority too)."""
+        warning = set_realtime_priority(priority, "the bench", threads="process")
+        if warning:
+            raise RuntimeError(warning)
+        set_realtime_priority(0, "the bench's main thread")
+        self.priority = priority
+        try:
+            yield
+        finally:
+            set_realtime_priority(0, "the bench", threads="process")
+            self.priority = 0
 
     def _on_command(self, msg: Float32MultiArray) -> None:
         now = time.monotonic()
@@ -162,7 +182,7 @@ class Bench:
             with self.lock:
                 self.published.append(now)
 
-        loop = PeriodicThread(1 / HZ, tick, "odometry")
+        loop = PeriodicThread(1 / HZ, tick, "odometry", self.priority)
         loop.start()
         time.sleep(seconds)
         loop.stop()
@@ -260,15 +280,18 @@ def run_condition(
             "in_process": in_process(checkpoint, seconds),
             "ros": ros_latency(bench, checkpoint, seconds),
             "timer": ros_jitter(bench, checkpoint, seconds),
-            "ros_rt": ros_latency(bench, checkpoint, seconds, REALTIME_PRIORITY),
-            "timer_rt": ros_jitter(bench, checkpoint, seconds, REALTIME_PRIORITY),
         }
+        with bench.realtime(REALTIME_PRIORITY):
+            result["ros_rt"] = ros_latency(bench, checkpoint, seconds, REALTIME_PRIORITY)
+            result["timer_rt"] = ros_jitter(bench, checkpoint, seconds, REALTIME_PRIORITY)
         if arm is not None:
             result["arm"] = {
                 "in_process": arm_in_process(arm),
                 "in_process_paced": arm_in_process(arm, paced_seconds=arm_seconds),
-                **{label: arm_ros(bench, arm, arm_seconds, p) for label, (_, p) in ARM_INFERENCE.items()},
             }
+            for label, (_, parameters, priority) in ARM_INFERENCE.items():
+                with bench.realtime(priority):
+                    result["arm"][label] = arm_ros(bench, arm, arm_seconds, parameters)
     finally:
         if load is not None:
             load.kill()
@@ -276,13 +299,15 @@ def run_condition(
     return result
 
 
-# the policy node's inference runners, side by side: row label -> (where inference runs, node parameters)
+# the policy node's inference runners, side by side: row label -> (where inference runs, node
+# parameters, this process's priority: the real-time row runs its ROS threads real-time as well)
 ARM_INFERENCE = {
-    "inference:=threaded": ("a thread of the node", ["inference:=threaded"]),
-    "inference:=process": ("a child process of the node", ["inference:=process"]),
-    "inference:=process, realtime_priority:=50": (
-        "control thread SCHED_FIFO 50, inference process 49",
-        ["inference:=process", "realtime_priority:=50"],
+    "inference:=threaded": ("a thread of the node", ["inference:=threaded"], 0),
+    "inference:=process": ("a child process of the node", ["inference:=process"], 0),
+    f"inference:=process, realtime_priority:={REALTIME_PRIORITY}": (
+        f"the node's threads SCHED_FIFO {REALTIME_PRIORITY}, inference process {REALTIME_PRIORITY - 1}",
+        ["inference:=process", f"realtime_priority:={REALTIME_PRIORITY}"],
+        REALTIME_PRIORITY,
     ),
 }
 
@@ -397,7 +422,7 @@ def arm_table(results: dict[str, dict[str, object]]) -> str:
             f"| {name} | in-process predict_chunk, one per replan period (the overheads below are against "
             f"this row) | {li['p50']:.1f} / {li['p99']:.1f} | — | — | — |"
         )
-        for label, (where, _) in ARM_INFERENCE.items():
+        for label, (where, _, _) in ARM_INFERENCE.items():
             ros = r[label]
             aj = ros["arrival_jitter"]
             lines.append(
@@ -448,10 +473,14 @@ READING = """Reading the numbers:
   idle CPU to wake, which a loop at 20 Hz cannot avoid, in or out of ROS.
   With `inference:=threaded` it is what the node's executor (sensor callbacks, the control timer)
   costs the inference thread through the GIL; `inference:=process` (the default) computes in a
-  child process and adds the pipe; `realtime_priority:=50` runs the node's control thread under
-  SCHED_FIFO 50 and that child at 49 (this benchmark runs as root; on a robot it needs an rtprio
-  limit), so the sim node and the load cannot preempt either. A chunk is computed once per replan
-  (8 actions, 400 ms at 20 Hz), so this is not a per-command latency.
+  child process and adds the pipe; `realtime_priority:=50` runs all the node's threads (control,
+  executor, the middleware's) under SCHED_FIFO 50 and that child at 49 (this benchmark runs as root;
+  on a robot it needs an rtprio limit), so the sim node and the load cannot preempt either. A chunk
+  is computed once per replan (8 actions, 400 ms at 20 Hz), so this is not a per-command latency.
+- Rows with `realtime_priority:=50`: this process's ROS threads (its executor, the middleware's and
+  the odometry thread) run under SCHED_FIFO 50 too, as the driver on the other end of the topics
+  would on a real-time robot; otherwise a real-time node's commands wait for a normal-priority
+  receiver, and under load that wait is what the latency measures.
 - The nodes spin rclpy's SingleThreadedExecutor. With its MultiThreadedExecutor the quadrotor node
   stalled for up to 2 s at a time on this idle machine in 4 of 6 runs (see ros_nodes/common.py).
 """
@@ -473,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = REPO / "runs/raptor/distill/student/final"
     rclpy.init()
     bench = Bench()
+    freeze_startup_objects()  # this process measures: its own collector pauses must not count
     results = {}
     try:
         for name in args.conditions.split(","):

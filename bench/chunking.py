@@ -1,6 +1,6 @@
 """Chunk execution side by side: naive switching, temporal ensembling, real-time chunking x delay.
 
-Runs one trained chunk policy (default `runs/lift_ddpm/best`) on its task through
+Runs one trained chunk policy (default `tests/assets/lift_flow`, shipped) on its task through
 `ExecutorPolicy` for every blend mode (none, ensemble, rtc) and simulated inference delay
 (default 0, 50, 150 ms = 0, 1, 3 control periods at 20 Hz), every cell on the same evaluation
 seeds 1_000_000 + i, two simulator workers shared by all cells, one torch thread. Per cell it
@@ -205,7 +205,7 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="runs/lift_ddpm/best")
+    parser.add_argument("--checkpoint", default="tests/assets/lift_flow")
     parser.add_argument("--task", default="lift")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--delays-ms", type=float, nargs="+", default=[0.0, 50.0, 150.0])
@@ -215,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if not Path(args.checkpoint, "spec.json").exists():
         raise SystemExit(
-            f"bench/chunking.py needs a trained checkpoint at {args.checkpoint}; make one with\n"
+            f"bench/chunking.py needs a trained checkpoint at {args.checkpoint} (the default, "
+            "tests/assets/lift_flow, ships with the repository); make one with\n"
             "  robomosaic-collect task=lift episodes=100 out=demos/lift.zarr\n"
             "  robomosaic-train dataset=demos/lift.zarr out=runs/lift_ddpm\n"
             "or pass --checkpoint <dir>"

@@ -55,9 +55,10 @@ def freeze_startup_objects() -> None:
     garbage collector's reach (``gc.freeze``); call it when start-up is done.
 
     Why: a full collection scans every tracked object. With torch imported that is about 180,000
-    objects and took 58 ms here, a stall that a 100 Hz loop sees as late or dropped messages (the
-    quadrotor bench lost one odometry answer every 1,000 messages before). Afterwards a full
-    collection scans only what was created since (under 1 ms). Reference counting still frees
-    frozen objects; reference cycles among them wait for ``gc.unfreeze()``."""
+    objects and took 58 ms here, a stall that a 100 Hz loop sees as late or dropped messages (in
+    some runs of bench/ros_loop.py, 2 of 2,001 odometry answers came a period late, exactly 1,000
+    messages apart). Afterwards a full collection scans only what was created since (under 1 ms).
+    Reference counting still frees frozen objects; reference cycles among them wait for
+    ``gc.unfreeze()``."""
     gc.collect()
     gc.freeze()

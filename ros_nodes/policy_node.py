@@ -32,9 +32,9 @@ Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
   results do not depend on how loaded the machine is)
 - `realtime_priority` (0: normal scheduling; 2-99, with `inference: process`): the node's threads
   (the control thread and the middleware's, which deliver the observations) run under SCHED_FIFO
-  at this priority, as ros2_control's controller manager runs its
-  update loop, and the inference process one below, so that no other process on the robot's
-  computer preempts a chunk and control ticks still preempt inference. Needs an rtprio limit or
+  at this priority, as ros2_control's controller manager runs its update loop, and the inference
+  process one below, so that no other process on the robot's computer preempts a chunk and
+  control ticks still preempt inference. Needs an rtprio limit or
   CAP_SYS_NICE; without it a warning is logged and both run at normal priority.
 - `action_min`, `action_max`, `max_delta` (one value per action dimension, or one for all;
   defaults: [-1, 1] for actions whose spec says "normalized [-1, 1]", no rate limit),

@@ -26,6 +26,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from robomosaic.data.spec import KeySpec
+
 FORMAT = "robomosaic-checkpoint"
 FORMAT_VERSION = 1
 
@@ -40,6 +42,36 @@ class Checkpoint:
     config: dict[str, Any]
     spec: dict[str, Any]
     parts: dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ChunkInterface:
+    """What a chunk policy's spec.json says about its inputs and outputs: enough to wire it to a robot
+    without building the model (the policy node does that when inference runs in another process)."""
+
+    policy_class: str
+    obs_spec: dict[str, KeySpec]
+    action_spec: KeySpec
+    horizon: int
+    n_obs_steps: int
+    n_action_steps: int
+
+    @classmethod
+    def from_spec(cls, path: str | Path, spec: Mapping[str, Any]) -> ChunkInterface:
+        try:
+            return cls(
+                policy_class=str(spec["policy_class"]),
+                obs_spec={k: KeySpec.from_dict(v) for k, v in spec["obs"].items()},
+                action_spec=KeySpec.from_dict(spec["action"]),
+                horizon=int(spec["horizon"]),
+                n_obs_steps=int(spec["n_obs_steps"]),
+                n_action_steps=int(spec["n_action_steps"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(
+                f"{Path(path) / 'spec.json'}: missing or malformed entry {e} (a chunk policy's spec has "
+                "policy_class, obs, action, horizon, n_obs_steps and n_action_steps)"
+            ) from None
 
 
 def _sha256(path: Path) -> str:
@@ -100,8 +132,9 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and verify a checkpoint folder (see module docstring)."""
+def read_checkpoint(path: str | Path, load_parts: bool = True) -> Checkpoint:
+    """Read and verify a checkpoint folder (see module docstring); ``load_parts=False`` verifies the
+    files but leaves the tensors on disk (``parts`` is empty), for readers of the spec alone."""
     path = Path(path)
     spec_file = path / "spec.json"
     if not spec_file.is_file():
@@ -134,7 +167,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     parts = {
         name.removesuffix(".safetensors"): load_file(str(path / name))
         for name in files
-        if name.endswith(".safetensors")
+        if name.endswith(".safetensors") and load_parts
     }
     return Checkpoint(path=path, config=config, spec=spec, parts=parts)
 

@@ -31,6 +31,7 @@ from robomosaic.data.spec import KeySpec
 from robomosaic.policies.checkpoint import (
     Checkpoint,
     CheckpointError,
+    ChunkInterface,
     check_state_dict,
     register_policy,
     save_checkpoint,
@@ -275,12 +276,10 @@ class DenoisingPolicy(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint) -> DenoisingPolicy:
         spec = ckpt.spec
-        try:
-            obs_spec = {k: KeySpec.from_dict(v) for k, v in spec["obs"].items()}
-            action_spec = KeySpec.from_dict(spec["action"])
-            modes = spec["normalizer_modes"]
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{ckpt.path / 'spec.json'}: missing or malformed entry {e}") from None
+        interface = ChunkInterface.from_spec(ckpt.path, spec)
+        obs_spec, action_spec = interface.obs_spec, interface.action_spec
+        if not isinstance(modes := spec.get("normalizer_modes"), dict):
+            raise CheckpointError(f"{ckpt.path / 'spec.json'}: missing or malformed entry 'normalizer_modes'")
         stats: dict[str, dict[str, np.ndarray]] = {}
         for name, tensor in ckpt.parts.get("normalizer", {}).items():
             key, _, stat = name.rpartition("/")

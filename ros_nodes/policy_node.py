@@ -254,7 +254,8 @@ class PolicyNode(LifecycleNode):
         self._latest: dict[str, Sample] = {}  # newest sample per observation key
         self._fresh = False  # a sample arrived since the executor last observed
         self._control_timer = None
-        self.policy = None
+        self.policy = None  # for the in-process runners
+        self.interface = None  # the checkpoint's ChunkInterface, once configured
         self.active = False
         self.enabled = False
         self.episode = 0
@@ -282,15 +283,18 @@ class PolicyNode(LifecycleNode):
             self.get_logger().error(self.last_error)
             self._destroy_entities()
             self._release_runner()
-            self.policy = None
+            self.policy = self.interface = None
             return TransitionCallbackReturn.FAILURE
         self.last_error = ""
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
-        import torch
-
-        from robomosaic.policies.checkpoint import load_policy, read_checkpoint
+        from robomosaic.policies.checkpoint import (
+            CheckpointError,
+            ChunkInterface,
+            load_policy,
+            read_checkpoint,
+        )
         from robomosaic.policies.executor import (
             ChunkExecutor,
             DelayedInference,
@@ -303,30 +307,25 @@ class PolicyNode(LifecycleNode):
         path = str(self._param("checkpoint"))
         if not path:
             raise ConfigurationError("parameter checkpoint is not set (the folder of a trained policy)")
-        spec_json = read_checkpoint(path).spec
-        policy = load_policy(path)
-        if not callable(getattr(policy, "predict_chunk", None)):
-            raise ConfigurationError(
-                f"checkpoint {path}: a {type(policy).__name__} is not a chunk-predicting policy"
-            )
-        threads = int(self._param("torch_threads"))
-        if threads > 0:
-            torch.set_num_threads(threads)
+        spec_json = read_checkpoint(path, load_parts=False).spec
         try:
-            policy.to(torch.device(str(self._param("device"))))
-        except (RuntimeError, AssertionError) as e:
-            raise ConfigurationError(
-                f"parameter device: {self._param('device')!r} is not usable: {e}"
-            ) from None
+            interface = ChunkInterface.from_spec(path, spec_json)
+        except CheckpointError as e:
+            raise ConfigurationError(f"checkpoint {path}: not a chunk-predicting policy: {e}") from None
+        inference, delay = str(self._param("inference")), float(self._param("inference_delay"))
+        threads = int(self._param("torch_threads"))
+        # With inference "process" the child process loads the model and this one only reads the
+        # spec: no second copy of the weights (nor a second CUDA context) on the robot's computer.
+        policy = None if inference == "process" else self._load_in_process(load_policy(path), threads)
         self.task_set = TaskSet.from_dict(spec_json["task_set"]) if spec_json.get("task_set") else None
         self.task: str | None = str(self._param("task")) or None
-        self.obs_spec: dict[str, KeySpec] = dict(policy.obs_spec)
+        self.obs_spec: dict[str, KeySpec] = dict(interface.obs_spec)
         self.bindings = parse_bindings(
             {name: p.value for name, p in self.get_parameters_by_prefix("observations").items()}
         )
         check_bindings(self.bindings, self.obs_spec, self.task_set, self.task or "")
 
-        action_spec: KeySpec = policy.action_spec
+        action_spec: KeySpec = interface.action_spec
         self.action_dim = int(np.prod(action_spec.shape))
         self.command_type = str(self._param("command_type"))
         if self.command_type not in COMMAND_TYPES:
@@ -354,8 +353,8 @@ class PolicyNode(LifecycleNode):
         if not (np.isfinite(max_obs_age) and max_obs_age > 0):
             raise ConfigurationError(f"parameter max_obs_age: must be positive seconds, got {max_obs_age}")
         self.max_obs_age = max_obs_age
-        n_action_steps = int(self._param("n_action_steps") or policy.n_action_steps)
-        usable = policy.horizon - policy.n_obs_steps + 1
+        n_action_steps = int(self._param("n_action_steps") or interface.n_action_steps)
+        usable = interface.horizon - interface.n_obs_steps + 1
         if not 1 <= n_action_steps <= usable:
             raise ConfigurationError(
                 f"parameter n_action_steps: {n_action_steps} not in [1, horizon - n_obs_steps + 1 = {usable}]"
@@ -364,7 +363,7 @@ class PolicyNode(LifecycleNode):
         try:
             config = ExecutorConfig(
                 control_hz=self.control_hz,
-                n_obs_steps=policy.n_obs_steps,
+                n_obs_steps=interface.n_obs_steps,
                 n_action_steps=n_action_steps,
                 blend=str(self._param("blend")),
                 max_obs_age=max_obs_age,
@@ -389,7 +388,6 @@ class PolicyNode(LifecycleNode):
             raise ConfigurationError(f"parameter action_min/action_max/max_delta/gripper_dims: {e}") from None
 
         self.seed = int(self._param("seed"))
-        inference, delay = str(self._param("inference")), float(self._param("inference_delay"))
         priority = int(self._param("realtime_priority"))
         if priority != 0 and (inference != "process" or not 2 <= priority <= 99):
             raise ConfigurationError(
@@ -419,12 +417,13 @@ class PolicyNode(LifecycleNode):
             self.action_dim,
             hold=lambda last: self.safety.safe_command(),
         )
-        self._warm_up(policy, runner)
+        self.policy = policy  # the threaded and simulated runners call it (None with "process")
+        self._warm_up(interface.n_obs_steps, runner)
         self._make_entities()
         freeze_startup_objects()  # the model is loaded: no collector pause of tens of ms in control
-        self.policy = policy  # last: the diagnostics and services read it as "configured"
+        self.interface = interface  # last: the diagnostics and services read it as "configured"
         self.get_logger().info(
-            f"configured {path}: {type(policy).__name__}, observations "
+            f"configured {path}: {interface.policy_class}, observations "
             + ", ".join(
                 f"{k} <- {b.topic} ({b.type}{f' {b.field}' if b.field else ''})"
                 for k, b in self.bindings.items()
@@ -432,7 +431,22 @@ class PolicyNode(LifecycleNode):
             + f"; {self.command_type} commands on {self.command_topic} at {self.control_hz:g} Hz"
         )
 
-    def _warm_up(self, policy: Any, runner: Any) -> None:
+    def _load_in_process(self, policy: Any, threads: int) -> Any:
+        """The policy for the threaded and simulated runners, which compute in this process."""
+        import torch
+
+        if not callable(getattr(policy, "predict_chunk", None)):
+            raise ConfigurationError(f"a {type(policy).__name__} is not a chunk-predicting policy")
+        if threads > 0:
+            torch.set_num_threads(threads)
+        try:
+            return policy.to(torch.device(str(self._param("device"))))
+        except (RuntimeError, AssertionError) as e:
+            raise ConfigurationError(
+                f"parameter device: {self._param('device')!r} is not usable: {e}"
+            ) from None
+
+    def _warm_up(self, n_obs_steps: int, runner: Any) -> None:
         """One inference on a zero history where inference runs, so that the first real chunk is not
         slowed by lazy setup, and a check of the chunk's shape. The inference process has done it on
         its own already; the other runners compute in this process."""
@@ -440,11 +454,11 @@ class PolicyNode(LifecycleNode):
             shape, seconds = runner.warm_up
         else:
             history = {
-                k: np.zeros((policy.n_obs_steps, *s.shape), dtype=np.dtype(s.dtype))
+                k: np.zeros((n_obs_steps, *s.shape), dtype=np.dtype(s.dtype))
                 for k, s in self.obs_spec.items()
             }
             start = time.perf_counter()
-            shape = policy.predict_chunk(history, None).shape
+            shape = self.policy.predict_chunk(history, None).shape
             seconds = time.perf_counter() - start
         if shape[1] != self.action_dim:
             raise ConfigurationError(
@@ -502,7 +516,7 @@ class PolicyNode(LifecycleNode):
         self._stop("cleaned up")
         self._destroy_entities()
         self._release_runner()
-        self.policy = None
+        self.policy = self.interface = None
         gc.unfreeze()  # configure froze the model's objects; its reference cycles can be freed now
         return TransitionCallbackReturn.SUCCESS
 
@@ -582,7 +596,7 @@ class PolicyNode(LifecycleNode):
 
     def _on_reset_history(self, request: Any, response: Any) -> Any:
         with self._lock:
-            if self.policy is None:
+            if self.interface is None:
                 response.success, response.message = (
                     False,
                     f"not configured (lifecycle state {self._state_label()})",
@@ -726,7 +740,7 @@ class PolicyNode(LifecycleNode):
                 "episode": str(self.episode),
             }
             level, message = DiagnosticStatus.OK, "controlling" if self.active and self.enabled else "idle"
-            if self.policy is not None:
+            if self.interface is not None:
                 stats = self.chunk_executor.stats
                 latencies = stats.latencies[-LATENCY_WINDOW:]
                 age = self.newest_obs_age()

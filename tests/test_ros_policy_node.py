@@ -21,6 +21,7 @@ pytest.importorskip("rclpy")
 
 from robomosaic.data.multitask import TaskSet
 from robomosaic.data.spec import KeySpec
+from robomosaic.policies.raptor import PRETRAINED_STUDENT
 from robomosaic.ros_nodes import messages
 from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos
 from robomosaic.ros_nodes.safety import SafetyFilter
@@ -357,6 +358,11 @@ def test_configure_fails_naming_the_mismatch(robot: Robot) -> None:
     assert not robot.transition("configure")
     assert "parameter realtime_priority: 1 needs inference 'process'" in node_log(robot)
     robot.set_params(realtime_priority=0)
+    # a checkpoint that predicts no chunks (the RAPTOR student), told from its spec.json alone
+    robot.set_params(checkpoint=str(PRETRAINED_STUDENT))
+    assert not robot.transition("configure")
+    assert f"{PRETRAINED_STUDENT / 'spec.json'}: missing or malformed entry 'obs'" in node_log(robot)
+    robot.set_params(checkpoint=str(CHECKPOINT))
 
 
 def wait_until(condition, timeout: float, what: str) -> None:

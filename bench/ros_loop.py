@@ -24,7 +24,7 @@ which plays the flight controller's driver, runs its ROS threads (the odometry t
 executor and the middleware's threads) at the same priority, as a real-time driver would.
 
 ROS overhead = ROS latency - in-process latency (p50 and p99). Targets (issue 6): overhead p99 < 5 ms,
-period jitter p99 < 2 ms idle, no deadline misses idle. Domain ROS_DOMAIN_ID 16.
+period jitter p99 < 2 ms idle, no deadline misses idle. DDS domain 16.
 
 The arm (``--arm CHECKPOINT``, e.g. tests/assets/lift_flow; 20 Hz): robomosaic-sim-node (lift, real
 time) and robomosaic-policy-node (config/sim_arm_policy.yaml: JointTrajectory chunks every control
@@ -48,8 +48,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-os.environ.setdefault("ROS_DOMAIN_ID", "16")
-
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -63,6 +61,7 @@ from robomosaic.policies.raptor import PRETRAINED_STUDENT
 from robomosaic.policies.realtime import freeze_startup_objects, set_realtime_priority
 from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos
 from robomosaic.ros_nodes.messages import odometry_msg
+from robomosaic.ros_nodes.processes import node_output, start_node, stop_node
 from robomosaic.ros_nodes.quadrotor_node import (
     PeriodicThread,
     QuadrotorController,
@@ -71,6 +70,7 @@ from robomosaic.ros_nodes.quadrotor_node import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+DOMAIN = 16  # this benchmark's DDS domain (rclpy here, and the nodes it starts)
 HZ = 100.0
 REALTIME_PRIORITY = 50  # the nodes' realtime_priority in the rows that use it (SCHED_FIFO)
 LOAD_CODE = "import numpy as np\na = np.random.rand(400, 400)\nwhile True:\n    a @ a\n"
@@ -196,25 +196,13 @@ class Bench:
         self.node.destroy_node()
 
 
-def start_node(checkpoint: Path, trigger: str, priority: int = 0) -> subprocess.Popen:
-    args = [
-        sys.executable,
-        "-m",
-        "robomosaic.ros_nodes.quadrotor_node",
-        "--ros-args",
+def start_quadrotor_node(checkpoint: Path, trigger: str, priority: int = 0) -> subprocess.Popen:
+    return start_node(
+        "quadrotor_node",
         *("-p", f"checkpoint:={checkpoint}", "-p", "armed:=true", "-p", f"trigger:={trigger}"),
         *("-p", f"control_hz:={HZ}", "-p", "max_odom_age:=0.1", "-p", f"realtime_priority:={priority}"),
-    ]
-    return subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(2)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        domain=DOMAIN,
+    )
 
 
 def warm_up(bench: Bench, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -222,7 +210,7 @@ def warm_up(bench: Bench, proc: subprocess.Popen, timeout: float = 120.0) -> Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"quadrotor_node exited with {proc.returncode}")
+            raise RuntimeError(f"quadrotor_node exited with {proc.returncode}:\n{node_output(proc)[-3000:]}")
         _, received = bench.stream(0.5)
         if len(received) > 10:
             return
@@ -230,12 +218,12 @@ def warm_up(bench: Bench, proc: subprocess.Popen, timeout: float = 120.0) -> Non
 
 
 def ros_latency(bench: Bench, checkpoint: Path, seconds: float, priority: int = 0) -> dict[str, object]:
-    proc = start_node(checkpoint, "odom", priority)
+    proc = start_quadrotor_node(checkpoint, "odom", priority)
     try:
         warm_up(bench, proc)
         published, received = bench.stream(seconds)
     finally:
-        stop(proc)
+        stop_node(proc)
     # The answer to message k is the first command after it. When an answer is lost or later than
     # the next message, the next answer is counted instead: conservative (never shorter than true).
     received_array = np.asarray(received)
@@ -247,7 +235,7 @@ def ros_latency(bench: Bench, checkpoint: Path, seconds: float, priority: int = 
 
 
 def ros_jitter(bench: Bench, checkpoint: Path, seconds: float, priority: int = 0) -> dict[str, object]:
-    proc = start_node(checkpoint, "timer", priority)
+    proc = start_quadrotor_node(checkpoint, "timer", priority)
     try:
         warm_up(bench, proc)
         bench.diagnostics = {}
@@ -257,7 +245,7 @@ def ros_jitter(bench: Bench, checkpoint: Path, seconds: float, priority: int = 0
             time.sleep(0.05)
         node = dict(bench.diagnostics)
     finally:
-        stop(proc)
+        stop_node(proc)
     return {
         "arrival_jitter": stats_ms(jitter(received, 1 / HZ)),
         "node_jitter_p50": float(node.get("period_jitter_p50_ms", "nan")),
@@ -345,15 +333,17 @@ def arm_in_process(checkpoint: Path, paced_seconds: float | None = None) -> dict
 
 
 def arm_ros(bench: Bench, checkpoint: Path, seconds: float, parameters: list[str]) -> dict[str, object]:
-    sim = [sys.executable, "-m", "robomosaic.ros_nodes.sim_node", "--ros-args", "-r", "__node:=sim"]
-    sim += ["-p", "task:=lift", "-p", "step_mode:=realtime", "-p", "seed:=1000000"]
-    policy = [sys.executable, "-m", "robomosaic.ros_nodes.policy_node", "--ros-args", "-r", "__node:=policy"]
-    policy += ["--params-file", str(REPO / "config/sim_arm_policy.yaml"), "-p", f"checkpoint:={checkpoint}"]
-    policy += ["-p", "autostart:=true"]  # the file's trajectory commands
+    sim = ["-r", "__node:=sim", "-p", "task:=lift", "-p", "step_mode:=realtime", "-p", "seed:=1000000"]
+    policy = ["-r", "__node:=policy", "--params-file", str(REPO / "config/sim_arm_policy.yaml")]
+    policy += [
+        "-p",
+        f"checkpoint:={checkpoint.resolve()}",
+        "-p",
+        "autostart:=true",
+    ]  # the file's trajectory commands
     for parameter in parameters:
         policy += ["-p", parameter]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, cwd=REPO) for args in (sim, policy)]
+    procs = [start_node("sim_node", *sim, domain=DOMAIN), start_node("policy_node", *policy, domain=DOMAIN)]
     arrivals: list[float] = []
     diagnostics: dict[str, str] = {}
 
@@ -398,7 +388,7 @@ def arm_ros(bench: Bench, checkpoint: Path, seconds: float, parameters: list[str
         for sub in subscriptions:
             bench.node.destroy_subscription(sub)
         for p in procs:
-            stop(p)
+            stop_node(p)
     return {
         "arrival_jitter": stats_ms(jitter(window, 1 / ARM_HZ)),
         "inference_p50": float(diagnostics.get("inference_latency_p50_ms", "nan")),
@@ -500,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = args.checkpoint or PRETRAINED_STUDENT
     if not (checkpoint / "spec.json").is_file() and checkpoint.suffix != ".npz":
         checkpoint = REPO / "runs/raptor/distill/student/final"
-    rclpy.init()
+    rclpy.init(domain_id=DOMAIN)
     bench = Bench()
     freeze_startup_objects()  # this process measures: its own collector pauses must not count
     results = {}

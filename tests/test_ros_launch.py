@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ros_processes
 
+from robomosaic.ros_nodes import processes as ros_processes
 from robomosaic.ros_nodes.launch import Launcher, LaunchError, NodeSpec, load, run_nodes
 
 DOMAIN = 15

@@ -32,7 +32,7 @@ import yaml
 
 pytest.importorskip("rclpy")
 
-from ros_processes import start_node, stop_node
+from robomosaic.ros_nodes.processes import start_node, stop_node
 
 CHECKPOINT = Path(__file__).parent / "assets" / "lift_flow"
 # The observation topics of the launch file's parameter file: the mapping users start from.

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ros_processes
+
+from robomosaic.ros_nodes import processes as ros_processes
 
 pytest.importorskip("rclpy")
 

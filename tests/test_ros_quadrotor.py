@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ros_processes
 import torch
+
+from robomosaic.ros_nodes import processes as ros_processes
 
 rclpy = pytest.importorskip("rclpy")
 

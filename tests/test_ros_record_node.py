@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ros_processes
+
+from robomosaic.ros_nodes import processes as ros_processes
 
 rclpy = pytest.importorskip("rclpy")
 

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-import ros_processes
+
+from robomosaic.ros_nodes import processes as ros_processes
 
 rclpy = pytest.importorskip("rclpy")
 

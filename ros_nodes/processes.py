@@ -1,5 +1,6 @@
-"""Node processes for the ROS 2 tests: each test file passes its own DDS domain explicitly (pytest
-imports every test module into one process, so os.environ cannot isolate them)."""
+"""Node processes for the ROS 2 tests and benchmarks: one way to start a node in its own process on
+a given DDS domain (passed explicitly: pytest imports every test module into one process, so
+os.environ cannot isolate them), read what it printed, and stop it as a launcher would."""
 
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ def test_simulator_node_backends_agree():
 
 # ---- processes ----------------------------------------------------------------------------------
 class Processes:
-    """Node processes of one test (tests/ros_processes.py), stopped at its end."""
+    """Node processes of one test (ros_nodes/processes.py), stopped at its end."""
 
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []

@@ -7,7 +7,9 @@ directory nor write an `outputs/` folder on every call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,3 +32,12 @@ def load_group_option(group: str, option: str) -> dict:
     from importlib.resources import files
 
     return OmegaConf.to_container(OmegaConf.load(files(__name__) / group / f"{option}.yaml"), resolve=True)
+
+
+def check_known_keys(values: Mapping[str, Any], config_class: type, where: str) -> None:
+    """Raise a KeyError naming ``where`` and every key of ``values`` that is not a field of the
+    dataclass ``config_class`` (a typo in a YAML file or an override must not be ignored)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise KeyError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")

@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from robomosaic.conf import check_known_keys
 from robomosaic.policies.checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
 from robomosaic.policies.raptor.student import ACTION_DIM, OBS_DIM, RaptorStudent
 from robomosaic.policies.raptor.trim import TrimConfig, trim
@@ -492,10 +493,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DistillConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise KeyError(f"distill config: unknown keys {unknown}; known: {sorted(known)}")
+        check_known_keys(values, cls, "distill config")
         values = dict(values)
         if "mlp_hidden_dims" in values:
             values["mlp_hidden_dims"] = tuple(values["mlp_hidden_dims"])

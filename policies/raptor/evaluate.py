@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from robomosaic.conf import check_known_keys
 from robomosaic.policies.raptor.distill import (
     Controller,
     Lissajous,
@@ -111,9 +112,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise KeyError(f"eval config: unknown keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        check_known_keys(values, cls, "eval config")
         values = dict(values)
         if "simulators" in values:
             values["simulators"] = tuple(values["simulators"])

@@ -54,7 +54,7 @@ import itertools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from robomosaic.conf import check_known_keys
 from robomosaic.policies.raptor.lqr import ERROR_DIM, error_state, lqr_prior
 from robomosaic.policies.raptor.student import ACTION_DIM
 from robomosaic.sim.quadrotor.dynamics import (
@@ -126,10 +127,7 @@ class TeacherConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "TeacherConfig") -> TeacherConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise KeyError(f"{source}: unknown TeacherConfig keys {unknown}; known: {sorted(known)}")
+        check_known_keys(values, cls, source)
         values = dict(values)
         if "lqr_weights" in values:  # json gives a list
             values["lqr_weights"] = tuple(values["lqr_weights"])

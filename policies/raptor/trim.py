@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from robomosaic.conf import check_known_keys
 from robomosaic.sim.quadrotor import dynamics
 from robomosaic.sim.quadrotor.params import QuadrotorParams, sample_params
 
@@ -51,9 +52,7 @@ class TrimConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrimConfig:
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise KeyError(f"trim config: unknown keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        check_known_keys(values, cls, "trim config")
         config = cls(**values)
         if (
             config.iterations < 0

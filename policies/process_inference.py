@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from robomosaic.policies.realtime import freeze_startup_objects, set_realtime_priority
+from robomosaic.policies.realtime import check_priority, freeze_startup_objects, set_realtime_priority
 
 Obs = dict[str, np.ndarray]
 STARTUP_TIMEOUT = 120.0  # s for the child to import torch and load the checkpoint
@@ -88,8 +88,7 @@ class ProcessInference:
     def __init__(
         self, checkpoint: str | Path, device: str = "cpu", threads: int = 0, priority: int = 0
     ) -> None:
-        if not 0 <= int(priority) <= 99:
-            raise ValueError(f"inference priority {priority}: SCHED_FIFO priorities are 1-99 (0: normal)")
+        check_priority(int(priority), "inference")  # here, before the child starts
         context = mp.get_context("spawn")  # never fork a process that runs DDS threads
         self._conn, child = context.Pipe()
         self._process = context.Process(

@@ -25,16 +25,21 @@ def _thread_ids() -> list[int]:
         return [0]
 
 
+def check_priority(priority: int, what: str) -> None:
+    """A ValueError naming ``what`` unless ``priority`` is 0 (normal scheduling) or 1-99 (SCHED_FIFO)."""
+    if not 0 <= priority <= 99:
+        raise ValueError(
+            f"real-time priority {priority} for {what}: SCHED_FIFO priorities are 1-99 (0: normal)"
+        )
+
+
 def set_realtime_priority(
     priority: int, what: str, threads: Literal["caller", "process"] = "caller"
 ) -> str | None:
     """SCHED_FIFO at ``priority`` (1-99) for the calling thread or all of this process's threads;
     ``priority`` 0 returns them to normal scheduling. Returns None, or a warning naming ``what`` when
     the system does not permit it (the threads then keep their scheduling)."""
-    if not 0 <= priority <= 99:
-        raise ValueError(
-            f"real-time priority {priority} for {what}: SCHED_FIFO priorities are 1-99 (0: normal)"
-        )
+    check_priority(priority, what)
     policy = os.SCHED_FIFO if priority > 0 else os.SCHED_OTHER
     try:
         for tid in _thread_ids() if threads == "process" else [0]:

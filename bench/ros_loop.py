@@ -335,13 +335,8 @@ def arm_in_process(checkpoint: Path, paced_seconds: float | None = None) -> dict
 def arm_ros(bench: Bench, checkpoint: Path, seconds: float, parameters: list[str]) -> dict[str, object]:
     sim = ["-r", "__node:=sim", "-p", "task:=lift", "-p", "step_mode:=realtime", "-p", "seed:=1000000"]
     policy = ["-r", "__node:=policy", "--params-file", str(REPO / "config/sim_arm_policy.yaml")]
-    policy += [
-        "-p",
-        f"checkpoint:={checkpoint.resolve()}",
-        "-p",
-        "autostart:=true",
-    ]  # the file's trajectory commands
-    for parameter in parameters:
+    # autostart with the file's trajectory commands, then the row's parameters
+    for parameter in [f"checkpoint:={checkpoint.resolve()}", "autostart:=true", *parameters]:
         policy += ["-p", parameter]
     procs = [start_node("sim_node", *sim, domain=DOMAIN), start_node("policy_node", *policy, domain=DOMAIN)]
     arrivals: list[float] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -106,9 +108,9 @@ def test_fused_experts_equal_the_weighted_mixture():
     mixture = sum(
         w * swiglu(x, moe.w_in[e], moe.w_out[e]) for e, w in zip(top_i.tolist(), top_w.tolist(), strict=True)
     )
-    w_in, w_out = moe.fuse(top_i, top_w)
+    w_in, w_out = moe.fuse(top_i)
     assert w_in.shape == (2 * 2 * 24, 16) and w_out.shape == (16, 2 * 24)
-    torch.testing.assert_close(swiglu(x, w_in, w_out), mixture, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(swiglu(x, w_in, w_out, moe.unit_scale(top_w)), mixture, atol=1e-6, rtol=1e-5)
 
 
 def test_load_balancing_loss_is_minimal_for_uniform_use():
@@ -189,6 +191,20 @@ def test_cached_and_uncached_sampling_return_the_same_chunk():
     assert list(net.cache.entries) == edm_network_noise(policy, STEPS)
     assert (cached - uncached).abs().max() <= 1e-5
     assert (cached[0] - cached[1]).abs().max() > 1e-2, "chunks depend on the observation"
+    # levels that select the same experts of a layer share one concatenation of their weights
+    distinct = 0
+    for layer, block in enumerate(net.blocks):
+        routes = [
+            tuple(sorted(block.ffn.route(net.embed_noise(torch.tensor([level])))[1][0].tolist()))
+            for level in net.cache.entries
+        ]
+        concatenations = [entry[layer][0] for entry in net.cache.entries.values()]
+        assert len(set(routes)) < len(routes), "some levels of this layer take the same route"
+        pairs = itertools.combinations(zip(routes, concatenations, strict=True), 2)
+        for (route_a, w_a), (route_b, w_b) in pairs:
+            assert (w_a is w_b) == (route_a == route_b)
+        distinct += len(set(routes))
+    assert len(net.cache.concatenated) == distinct
     # a second run reuses the cache: nothing rebuilt, same chunk
     again, _ = sample_both(policy, obs)
     assert net.cache.builds == STEPS and torch.equal(again, cached)

@@ -14,21 +14,25 @@ token of a sample takes the same route and the route depends on sigma alone; `ro
 routes every token from the token itself (the ablation). Top-k weights are renormalized to sum to
 1, and training adds the Switch Transformer load-balancing loss (`auxiliary_loss`).
 
-Expert caching. A noise-routed layer at a given noise level is the fixed mixture
-sum_j w_j SwiGLU_j(x) over its top-k experts, which is itself one SwiGLU with k times the hidden
-units: concatenate the selected experts' input projections, and their output projections each
-scaled by its routing weight. At inference (eval mode, gradients off, one noise level for the
-whole batch, as the samplers call it) the network builds that fused MLP per layer the first time
-it sees a noise level and reuses it at every later call with the same level: a sampler's sigma
-schedule is fixed, so after the first chunk every step costs one dense MLP of the active size.
-Each entry is keyed by the exact noise input, so a new sigma schedule simply fills new entries
-(the oldest are evicted beyond `cache_size`). The whole cache is dropped when the routing or
-expert weights change (`ExpertCache.validate`: version counters, storage, dtype, and a probe of
-sampled values that also sees `param.data` writes such as diffusers' `EMAModel.copy_to`). A
-standalone forward validates every time; inside `sampling()`, which DenoisingPolicy wraps around
-every chunk, the weights are validated once at the start and each step only looks its level up.
-Training never reads the cache. `num_experts=1` is the dense SwiGLU transformer of the same
-architecture (no router, no cache).
+Expert caching. A noise-routed layer at a given noise level is the fixed mixture sum_j w_j
+SwiGLU_j(x) over its top-k experts, which is itself one SwiGLU with k times the hidden units:
+concatenate the selected experts' input and output projections, and scale each expert's hidden units
+by its routing weight, the diagonal between the two projections. Folding that diagonal into the
+output projection would give every noise level its own copy of its k experts: 5x the layer's expert
+weights for a 10-step schedule with 4 experts (31 MB at the bench's size, beyond what the CPU's
+caches hold). Kept apart, the levels that select the same experts share one concatenation, at most
+C(E, k) per layer; in the bench that is 11 MB and a batch-1 chunk about 2 % faster. At inference
+(eval mode, gradients off, one noise level for the whole batch, as the samplers call it) the network
+builds that fused MLP per layer the first time it sees a noise level and reuses it at every later
+call with the same level: a sampler's sigma schedule is fixed, so after the first chunk every step
+costs one dense MLP of the active size. Each entry is keyed by the exact noise input, so a new sigma
+schedule simply fills new entries (the oldest are evicted beyond `cache_size`). The whole cache is
+dropped when the routing or expert weights change (`ExpertCache.validate`: version counters,
+storage, dtype, and a probe of sampled values that also sees `param.data` writes such as diffusers'
+`EMAModel.copy_to`). A standalone forward validates every time; inside `sampling()`, which
+DenoisingPolicy wraps around every chunk, the weights are validated once at the start and each step
+only looks its level up. Training never reads the cache. `num_experts=1` is the dense SwiGLU
+transformer of the same architecture (no router, no cache).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Literal
 
 import torch
@@ -48,10 +53,17 @@ from robomosaic.policies.networks.transformer import ChunkTransformer, SelfAtten
 Router = Literal["noise", "token"]
 
 
-def swiglu(x: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
-    """SwiGLU MLP: w_in (2h, d) holds the value rows then the gate rows, w_out is (d, h)."""
+def swiglu(x: Tensor, w_in: Tensor, w_out: Tensor, unit_scale: Tensor | None = None) -> Tensor:
+    """SwiGLU MLP: w_in (2h, d) holds the value rows then the gate rows, w_out is (d, h);
+    `unit_scale` (h,) multiplies the hidden units (a fused MLP's routing weights)."""
     value, gate = F.linear(x, w_in).chunk(2, dim=-1)
-    return F.linear(value * F.silu(gate), w_out)
+    hidden = value * F.silu(gate)
+    if unit_scale is not None:
+        hidden.mul_(unit_scale)  # in place: a new (B, N, h) tensor costs 15 % of the MLP at batch 64
+    return F.linear(hidden, w_out)
+
+
+FusedMLP = tuple[Tensor, Tensor, Tensor]  # (w_in, w_out, unit_scale) of `swiglu`: a layer's cached experts
 
 
 def load_balancing_loss(probs: Tensor, top_i: Tensor) -> Tensor:
@@ -111,13 +123,19 @@ class MoEFeedForward(nn.Module):
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         return probs, top_i, top_w / top_w.sum(dim=-1, keepdim=True)
 
-    def fuse(self, top_i: Tensor, top_w: Tensor) -> tuple[Tensor, Tensor]:
-        """One SwiGLU equal to sum_j top_w[j] * expert top_i[j]: its (w_in, w_out) for `swiglu`."""
-        k, h = len(top_i), self.hidden
-        w_in = self.w_in[top_i]  # (k, 2h, d): values then gates of every selected expert
+    def fuse(self, experts: Tensor) -> tuple[Tensor, Tensor]:
+        """The experts `experts` (k,) as one SwiGLU of width k * h: its (w_in, w_out) for `swiglu`,
+        whose hidden units are expert experts[0]'s, then experts[1]'s, and so on."""
+        k, h = len(experts), self.hidden
+        w_in = self.w_in[experts]  # (k, 2h, d): values then gates of every selected expert
         w_in = torch.cat([w_in[:, :h].reshape(k * h, -1), w_in[:, h:].reshape(k * h, -1)])
-        w_out = (self.w_out[top_i] * top_w[:, None, None]).permute(1, 0, 2).reshape(-1, k * h)
+        w_out = self.w_out[experts].permute(1, 0, 2).reshape(-1, k * h)
         return w_in, w_out
+
+    def unit_scale(self, weights: Tensor) -> Tensor:
+        """The routing weights (k,) of fused experts as the scale of its k * h hidden units:
+        `swiglu(x, *fuse(i), unit_scale(w))` is sum_j w[j] * expert i[j](x)."""
+        return weights.repeat_interleave(self.hidden)
 
     def forward(self, x: Tensor, noise_emb: Tensor) -> Tensor:
         batch, n, d = x.shape
@@ -147,7 +165,7 @@ class ModeBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(d_model, eps=1e-6)
         self.ffn = ffn
 
-    def forward(self, x: Tensor, noise_emb: Tensor, fused: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, noise_emb: Tensor, fused: FusedMLP | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x) + noise_emb[:, None])
         h = self.ffn_norm(x)
         return x + (swiglu(h, *fused) if fused is not None else self.ffn(h, noise_emb))
@@ -156,19 +174,24 @@ class ModeBlock(nn.Module):
 class ExpertCache:
     """The fused experts of every layer per noise level (`entries`), valid for one state of the weights.
 
+    The concatenated weights of a set of experts are kept once per layer and set (`concatenated`),
+    shared by every noise level that selects them; an entry adds only its routing weights.
+
     `validate(params)` drops every entry if the weights changed since they were built: version
     counters (in-place writes: optimizer steps, `load_state_dict`, updates under `no_grad`), storage
     pointers and dtypes (`.to()`, assigning loads), and a probe of about 64 values spread over each
     tensor, compared exactly, which also sees writes through `param.data` that bump no counter
     (diffusers' `EMAModel.copy_to`). `get(key, build)` returns an entry, building it on a miss; the
     least recently used entries beyond `size` are evicted. `builds` counts the entries built.
+    `concatenation(key, build)` returns the concatenated weights for `key` (layer, experts).
     """
 
     PROBES_PER_TENSOR = 64
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.entries: OrderedDict[float, list[tuple[Tensor, Tensor]]] = OrderedDict()
+        self.entries: OrderedDict[float, list[FusedMLP]] = OrderedDict()
+        self.concatenated: dict[tuple[int, tuple[int, ...]], tuple[Tensor, Tensor]] = {}
         self.builds = 0
         self._stamp: tuple | None = None
         self._probe_views: list[Tensor] = []
@@ -176,6 +199,7 @@ class ExpertCache:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.concatenated.clear()
         self._stamp = self._probe = None
 
     def validate(self, params: list[Tensor]) -> None:
@@ -191,9 +215,7 @@ class ExpertCache:
         ]
         self._probe = torch.cat(self._probe_views)
 
-    def get(
-        self, key: float, build: Callable[[], list[tuple[Tensor, Tensor]]]
-    ) -> list[tuple[Tensor, Tensor]]:
+    def get(self, key: float, build: Callable[[], list[FusedMLP]]) -> list[FusedMLP]:
         entry = self.entries.get(key)
         if entry is None:
             entry = self.entries[key] = build()
@@ -204,6 +226,14 @@ class ExpertCache:
             self.entries.move_to_end(key)
         return entry
 
+    def concatenation(
+        self, key: tuple[int, tuple[int, ...]], build: Callable[[], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
+        found = self.concatenated.get(key)
+        if found is None:
+            found = self.concatenated[key] = build()
+        return found
+
 
 class ModeDenoiser(ChunkTransformer):
     """forward(x (B, H, A), noise (B,), cond (B, cond_dim) or (B, n_cond, cond_dim)) -> (B, H, A).
@@ -212,8 +242,9 @@ class ModeDenoiser(ChunkTransformer):
     activates `top_k` experts. `num_experts=1, top_k=1` is the dense SwiGLU transformer.
     `load_balancing_weight` scales `auxiliary_loss()`. `cache` (default: on for the noise router)
     enables expert caching at inference; `cache_size` bounds the number of cached noise levels
-    (each holds one fused MLP per layer: 3.1 MB at d_model 128, width 256, top-2, 4 layers; a
-    schedule longer than the cache rebuilds at every step).
+    (each holds its routing weights, k * h numbers per layer; the concatenated experts are shared
+    between levels, at most C(E, k) sets per layer, 0.8 MB each at d_model 128, width 256, top-2;
+    a schedule longer than the cache re-routes at every step).
     """
 
     def __init__(
@@ -320,7 +351,7 @@ class ModeDenoiser(ChunkTransformer):
         finally:
             self._in_sampling = outer
 
-    def _cached_experts(self, noise: Tensor) -> list[tuple[Tensor, Tensor]] | None:
+    def _cached_experts(self, noise: Tensor) -> list[FusedMLP] | None:
         """The fused experts of every layer for this call's noise level, or None to route live."""
         if not self._cache_enabled or self.training or torch.is_grad_enabled():
             return None
@@ -330,12 +361,16 @@ class ModeDenoiser(ChunkTransformer):
             self.cache.validate(self._routing_params())
         return self.cache.get(float(noise[0]), lambda: self._fuse_experts(noise[:1]))
 
-    def _fuse_experts(self, noise: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def _fuse_experts(self, noise: Tensor) -> list[FusedMLP]:
         noise_emb = self.embed_noise(noise)
         fused = []
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
             _, top_i, top_w = block.ffn.route(noise_emb)
-            fused.append(block.ffn.fuse(top_i[0], top_w[0]))
+            order = top_i[0].argsort()  # one concatenation per set of experts, whatever their ranks
+            experts, weights = top_i[0][order], top_w[0][order]
+            key = (layer, tuple(experts.tolist()))
+            w_in, w_out = self.cache.concatenation(key, partial(block.ffn.fuse, experts))
+            fused.append((w_in, w_out, block.ffn.unit_scale(weights)))
         return fused
 
     def forward(self, x: Tensor, noise: Tensor | float, cond: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from robomosaic.policies.raptor import PRETRAINED_STUDENT
+from robomosaic.policies.raptor.distill import DistillConfig
 from robomosaic.policies.raptor.student import RaptorStudent
 from robomosaic.policies.raptor.trim import TrimConfig, settled_position_loss, trim
 from robomosaic.sim.quadrotor import dynamics
@@ -67,3 +68,12 @@ def test_trim_config_names_bad_keys_and_values():
         TrimConfig.from_dict({"learning_rate": 1e-3})
     with pytest.raises(ValueError, match="settle_steps"):
         TrimConfig.from_dict({"episode_steps": 100, "settle_steps": 100})
+
+
+def test_distill_config_reads_and_checks_its_trim_section():
+    config = DistillConfig.from_dict({"trim": {"iterations": 3, "lr": 0.01}})
+    assert config.trim == TrimConfig(iterations=3, lr=0.01)
+    with pytest.raises(KeyError, match="learning_rate"):
+        DistillConfig.from_dict({"trim": {"learning_rate": 1e-3}})
+    with pytest.raises(ValueError, match="settle_steps"):
+        DistillConfig(trim={"episode_steps": 100, "settle_steps": 100})

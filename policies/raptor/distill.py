@@ -488,7 +488,7 @@ class DistillConfig:
     initial_state: dict[str, float] = field(default_factory=dict)  # sample_initial_state overrides
     action_noise: float = 0.1  # std of the noise added to executed actions while collecting data
     dagger_teacher_probability: float = 0.5  # beta at the first DAgger iteration, linearly down to 0
-    trim: dict[str, Any] = field(default_factory=dict)  # TrimConfig fields (trim.py); iterations 0 skips
+    trim: TrimConfig = field(default_factory=TrimConfig)  # trim.py; iterations 0 skips the stage
     seed: int = 0
 
     @classmethod
@@ -497,12 +497,11 @@ class DistillConfig:
         values = dict(values)
         if "mlp_hidden_dims" in values:
             values["mlp_hidden_dims"] = tuple(values["mlp_hidden_dims"])
-        TrimConfig.from_dict(values.get("trim", {}))  # reject a bad trim config before any work
         return cls(**values)
 
-    @property
-    def trim_config(self) -> TrimConfig:
-        return TrimConfig.from_dict(self.trim)
+    def __post_init__(self) -> None:
+        if isinstance(self.trim, dict):  # as read from yaml or json: checked before any work
+            self.trim = TrimConfig.from_dict(self.trim)
 
 
 def fly_episodes(
@@ -667,7 +666,7 @@ def distill(
             policy.save(path)
         _replace_checkpoint(policy, folder / "imitation")
         policy = _trim_stage(
-            policy, policy_type, data, config.trim_config, folder / "trim", out, kind, progress, resume
+            policy, policy_type, data, config.trim, folder / "trim", out, kind, progress, resume
         )
         _replace_checkpoint(policy, folder / "final")
         results[kind] = policy.eval()

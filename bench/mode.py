@@ -313,13 +313,13 @@ The variants are timed in turn, and that is repeated in {runs} runs: ms / chunk 
 runs, a ratio the median of its per-run values (range in brackets), which is what the targets are
 judged on.
 
-- MoDE cached, one route: MoDE cached with every router fixed to the same two experts (routing
-  weights 0.73 / 0.27) at every noise level.
 - MoDE cached / uncached: 4 SwiGLU experts of width 256 per layer, top-2 routed on the noise
   level; cached = one fused MLP of width 512 per layer and noise level (the selected experts'
   weights concatenated, shared by the levels that select the same experts, and the routing weights
   as a scale of its hidden units), uncached = the router runs and each expert runs on the samples
   routed to it (gather, weighted scatter-add), at every step.
+- MoDE cached, one route: MoDE cached with every router fixed to the same two experts (routing
+  weights 0.73 / 0.27) at every noise level.
 - MoDE, all experts: the same weights with `top_k: 4`, uncached: every expert on every token. No
   sparse MoE runs this at inference; it is the most expert work an uncached step can do, so its
   ratio to MoDE cached bounds what any caching of top-2 experts could save.

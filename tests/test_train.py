@@ -136,6 +136,10 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     )
     if rank == 0:
         save_file({"params": params}, out)
+    # Tear down only when both ranks are done, and the DDP wrapper (which holds the process group)
+    # first: a rank that exited while gloo threads were still live once aborted (SIGABRT) under load.
+    dist.barrier()
+    del model
     dist.destroy_process_group()
 
 

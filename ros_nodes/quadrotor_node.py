@@ -407,13 +407,15 @@ class QuadrotorNode(Node):
         # trigger "odom": the same thread only watches for stale odometry (and sends NaNs disarmed)
         tick = self._tick if self.trigger == "timer" else self._watch
         priority = int(get("realtime_priority").value)
+        self.realtime_error: str | None = None
         if priority > 0:  # this thread spins the executor (with trigger "odom" it runs the control
-            # step); the middleware's threads deliver the odometry: all real-time
-            warning = set_realtime_priority(priority, "the node's threads", threads="process")
-            if warning:
-                self.get_logger().warning(warning)
+            # step); the middleware's threads deliver the odometry: all real-time. The control
+            # thread started below inherits the policy of this one.
+            self.realtime_error = set_realtime_priority(priority, "the node's threads", threads="process")
+            if self.realtime_error:
+                self.get_logger().warning(self.realtime_error)
         freeze_startup_objects()  # before the loop starts: no collector pause of tens of ms in flight
-        self.loop = PeriodicThread(self.period, tick, "raptor-control", priority, self._on_loop_error)
+        self.loop = PeriodicThread(self.period, tick, "raptor-control", on_error=self._on_loop_error)
         self.loop.start()
         how = f"{self.control_hz:g} Hz on a wall-clock thread" if tick == self._tick else "on every odometry"
         armed = "armed" if self._armed else "disarmed (call ~/arm)"
@@ -566,7 +568,7 @@ class QuadrotorNode(Node):
             "odom_age_ms": f"{age:.1f}",
             "failsafe_ticks": str(self.failsafe_ticks),
             "control_errors": str(self.loop_errors),
-            "realtime_priority_error": self.loop.priority_error or "",
+            "realtime_priority_error": self.realtime_error or "",
             "failsafe_latency_ms": f"{self.failsafe_latency * 1e3:.2f}",
             "failsafe_latency_max_ms": f"{self.failsafe_latency_max * 1e3:.2f}",
             "rejected_odometry": str(self.rejected_odometry),

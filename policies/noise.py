@@ -166,6 +166,11 @@ class NoiseProcess(ABC):
         """Decreasing float64 sigmas for ``steps`` inference steps: ``steps + 1`` values ending at 0."""
 
     @abstractmethod
+    def sigma_range(self) -> tuple[float, float]:
+        """The (smallest, largest) positive sigma the network was trained on: where its ``denoise``
+        can be trusted, and where a schedule shared with other processes must lie."""
+
+    @abstractmethod
     def prior_scale(self, sigma: Tensor) -> Tensor:
         """Standard deviation of the initial VE sample at ``sigma``: x_T = prior_scale * z.
 
@@ -312,6 +317,9 @@ class DDPMProcess(NoiseProcess):
         s = self.train_sigmas[self.ddim_timesteps(steps)]
         return torch.cat([s, s.new_zeros(1)])
 
+    def sigma_range(self):
+        return float(self.train_sigmas[0]), float(self.train_sigmas[-1])
+
     def prior_scale(self, sigma):
         return (1 + sigma**2).sqrt()
 
@@ -349,6 +357,10 @@ class FlowMatchingProcess(NoiseProcess):
     def sigmas(self, steps):
         t = torch.linspace(0, 1, steps + 1, dtype=torch.float64).clamp(min=self.t_min)
         return sigma_from_t(t)
+
+    def sigma_range(self):
+        # training times t in [t_min, 1): every sigma in (0, 1/t_min - 1]
+        return 0.0, float(sigma_from_t(torch.tensor(self.t_min, dtype=torch.float64)))
 
     def prior_scale(self, sigma):
         return 1 + sigma
@@ -443,6 +455,9 @@ class EDMProcess(NoiseProcess):
         lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
         s = (hi + ramp * (lo - hi)) ** self.rho
         return torch.cat([s, s.new_zeros(1)])
+
+    def sigma_range(self):
+        return self.sigma_min, self.sigma_max
 
     def prior_scale(self, sigma):
         return sigma

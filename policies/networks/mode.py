@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robomosaic.policies.networks.base import register_network
 from robomosaic.policies.networks.embedding import noise_per_sample
 from robomosaic.policies.networks.transformer import ChunkTransformer, SelfAttention
 
@@ -384,3 +385,23 @@ class ModeDenoiser(ChunkTransformer):
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, noise_emb, None if fused is None else fused[i])
         return self.action_out(self.final_norm(tokens[:, 1 + n_cond :]))
+
+
+# MoDE (networks.mode): E SwiGLU experts, top-k routed on the noise level; expert caching at
+# inference; the load-balancing loss is added to the training loss.
+@register_network(
+    "mode",
+    defaults={
+        "d_model": 128,
+        "depth": 4,
+        "n_heads": 4,
+        "num_experts": 4,
+        "top_k": 2,
+        "expert_hidden": 256,
+        "router": "noise",
+        "load_balancing_weight": 0.01,
+        "cache": None,
+    },
+)
+def build_mode(action_dim: int, cond_dim: int, horizon: int, noise_scale: float, **section) -> ModeDenoiser:
+    return ModeDenoiser(action_dim, cond_dim, horizon, noise_scale=noise_scale, **section)

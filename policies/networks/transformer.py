@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robomosaic.policies.networks.base import DenoiserNetwork, register_network
 from robomosaic.policies.networks.embedding import NoiseEmbedding, noise_per_sample
 
 
@@ -99,7 +100,7 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.ffn(modulate(self.norm2(x), shift2, scale2), noise_emb)
 
 
-class ChunkTransformer(nn.Module):
+class ChunkTransformer(DenoiserNetwork):
     """Input side shared by the transformer denoisers.
 
     `embed(x, noise, cond)` checks shapes and returns the noise embedding (B, d), the projected cond
@@ -226,3 +227,10 @@ class TransformerDenoiser(ChunkTransformer):
             tokens = block(tokens, c, noise_emb)
         shift, scale = self.final_modulation(c).unsqueeze(1).chunk(2, dim=-1)
         return self.action_out(modulate(self.final_norm(tokens[:, n_cond:]), shift, scale))
+
+
+@register_network("transformer", defaults={"d_model": 128, "depth": 4, "n_heads": 4, "mlp_ratio": 4.0})
+def build_transformer(
+    action_dim: int, cond_dim: int, horizon: int, noise_scale: float, **section
+) -> TransformerDenoiser:
+    return TransformerDenoiser(action_dim, cond_dim, horizon, noise_scale=noise_scale, **section)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from robomosaic.policies.networks.base import DenoiserNetwork, register_network
 from robomosaic.policies.networks.embedding import NoiseEmbedding, noise_per_sample
 
 
@@ -49,7 +50,7 @@ class FiLMResidualBlock1D(nn.Module):
         return self.conv2(h) + self.residual(x)
 
 
-class ConditionalUnet1D(nn.Module):
+class ConditionalUnet1D(DenoiserNetwork):
     """Denoiser over action chunks: forward(x (B, H, A), noise (B,), cond (B, cond_dim)) -> (B, H, A).
 
     `down_dims` has one entry per resolution level; the horizon is halved between levels, so H must
@@ -147,3 +148,18 @@ class ConditionalUnet1D(nn.Module):
             h = torch.cat([h, skip], dim=1)
             h = upsample(res2(res1(h, film_cond), film_cond))
         return self.final(h).transpose(1, 2)
+
+
+@register_network(
+    "unet", defaults={"down_dims": [64, 128, 256], "noise_embed_dim": 128, "kernel_size": 5, "n_groups": 8}
+)
+def build_unet(
+    action_dim: int, cond_dim: int, horizon: int, noise_scale: float, **section
+) -> ConditionalUnet1D:
+    network = ConditionalUnet1D(action_dim, cond_dim, noise_scale=noise_scale, **section)
+    if horizon % network.horizon_multiple:
+        raise ValueError(
+            f"horizon={horizon} must be a multiple of {network.horizon_multiple} "
+            f"for a U-Net with down_dims {list(network.down_dims)}"
+        )
+    return network

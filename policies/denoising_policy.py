@@ -11,6 +11,7 @@ step. Actions are normalized per dimension to [-1, 1]; `predict_chunk` returns r
     policy = DenoisingPolicy(config, obs_spec, action_spec, normalizer)
     loss = policy(batch)                               # training (DDP wraps this forward)
     chunk = policy.predict_chunk(history)              # (horizon, action_dim), robot units
+    bound = policy.bind(obs)                           # for policies.inference.sample_chunk
     policy.save("runs/lift/best"); policy = load_policy("runs/lift/best")
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,37 +37,19 @@ from robomosaic.policies.checkpoint import (
     save_checkpoint,
 )
 from robomosaic.policies.encoders import ObservationEncoder
-from robomosaic.policies.networks import ConditionalUnet1D, ModeDenoiser, TransformerDenoiser
+from robomosaic.policies.inference import ActionSpace, BoundDenoiser, history_batch, sample_chunk
+from robomosaic.policies.networks import NETWORKS, build_network
 from robomosaic.policies.noise import make_process
-from robomosaic.policies.samplers import GuidedInpainting, Inpainting, sample
 
 # What each process feeds the network as its noise input, and the scale that spreads it over the
 # range the sinusoidal embedding resolves well (DDPM timesteps are already 0..T-1).
 NOISE_SCALE = {"ddpm": 1.0, "flow": 100.0, "edm": 100.0}
 
-# Real-time chunking clips its guidance weight (Black et al. 2025 use beta = 5).
-RTC_MAX_GUIDANCE = 5.0
-
 DEFAULT_CONFIG: dict[str, Any] = {
     "horizon": 16,
     "n_obs_steps": 2,
     "n_action_steps": 8,
-    "network": "unet",
-    "unet": {"down_dims": [64, 128, 256], "noise_embed_dim": 128, "kernel_size": 5, "n_groups": 8},
-    "transformer": {"d_model": 128, "depth": 4, "n_heads": 4, "mlp_ratio": 4.0},
-    # MoDE (networks.mode): E SwiGLU experts, top-k routed on the noise level; expert caching at
-    # inference; the load-balancing loss is added to the training loss.
-    "mode": {
-        "d_model": 128,
-        "depth": 4,
-        "n_heads": 4,
-        "num_experts": 4,
-        "top_k": 2,
-        "expert_hidden": 256,
-        "router": "noise",
-        "load_balancing_weight": 0.01,
-        "cache": None,
-    },
+    "network": "unet",  # a name registered by networks.register_network; its section has its options
     "encoder": {"state_feature_dim": 128, "state_hidden_dims": [256]},
     "process": {"name": "ddpm"},
     "sampler": "ddim",
@@ -79,8 +61,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 
 def merge_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """DEFAULT_CONFIG updated (one level deep for nested sections) by `config`."""
-    merged = copy.deepcopy(DEFAULT_CONFIG)
+    """DEFAULT_CONFIG plus every registered network's section of defaults, updated (one level deep
+    for nested sections) by `config`."""
+    merged = copy.deepcopy({**DEFAULT_CONFIG, **{name: dict(e.defaults) for name, e in NETWORKS.items()}})
     for key, value in (config or {}).items():
         if key not in merged:
             raise KeyError(f"unknown policy config key {key!r} (known: {sorted(merged)})")
@@ -125,30 +108,15 @@ class DenoisingPolicy(nn.Module):
         process_cfg = dict(cfg["process"])
         process_name = process_cfg.pop("name")
         self.process = make_process(process_name, **process_cfg)
-        noise_scale = NOISE_SCALE[process_name]
-        if cfg["network"] == "unet":
-            self.network = ConditionalUnet1D(
-                self.action_dim, self.encoder.out_dim, noise_scale=noise_scale, **cfg["unet"]
-            )
-            if self.horizon % self.network.horizon_multiple:
-                raise ValueError(
-                    f"horizon={self.horizon} must be a multiple of {self.network.horizon_multiple} "
-                    f"for a U-Net with down_dims {cfg['unet']['down_dims']}"
-                )
-        elif cfg["network"] == "transformer":
-            self.network = TransformerDenoiser(
-                self.action_dim,
-                self.encoder.out_dim,
-                self.horizon,
-                noise_scale=noise_scale,
-                **cfg["transformer"],
-            )
-        elif cfg["network"] == "mode":
-            self.network = ModeDenoiser(
-                self.action_dim, self.encoder.out_dim, self.horizon, noise_scale=noise_scale, **cfg["mode"]
-            )
-        else:
-            raise ValueError(f"network must be 'unet', 'transformer' or 'mode', got {cfg['network']!r}")
+        self.network = build_network(
+            cfg["network"],
+            self.action_dim,
+            self.encoder.out_dim,
+            self.horizon,
+            NOISE_SCALE[process_name],
+            cfg.get(cfg["network"], {}),
+        )
+        self.action_space = ActionSpace(self.horizon, self.action_dim, normalizer)
         self._denoise = self.process.denoiser(self.network)
 
     # -- the contract ---------------------------------------------------------------------------
@@ -177,12 +145,25 @@ class DenoisingPolicy(nn.Module):
         cond = self.encode(batch["obs"])
         example = self.process.training_example(actions, noise=noise, level=level, generator=generator)
         prediction = self.network(example.net_input, example.net_time, cond)
-        loss = self.process.loss(prediction, example)
-        if isinstance(self.network, ModeDenoiser):
-            loss = loss + self.network.auxiliary_loss()
-        return loss
+        return self.process.loss(prediction, example) + self.network.auxiliary_loss()
 
     # -- inference ------------------------------------------------------------------------------
+    def bind(self, obs: Mapping[str, Tensor], name: str = "policy") -> BoundDenoiser:
+        """This policy's denoiser with a batch of observation histories {key: (B, n_obs_steps, ...)}
+        in robot units encoded once (the inference core's unit, `inference.sample_chunk`)."""
+        cond = self.encode(obs)
+        return BoundDenoiser(
+            denoise=lambda x, sigma: self.denoise(x, sigma, cond),
+            process=self.process,
+            action_space=self.action_space,
+            batch=cond.shape[0],
+            device=cond.device,
+            steps=int(self.config["steps"]),
+            sampler=str(self.config["sampler"]),
+            sampling=self.network.sampling,
+            name=name,
+        )
+
     @torch.no_grad()
     def sample_actions(
         self,
@@ -198,32 +179,14 @@ class DenoisingPolicy(nn.Module):
         `committed` (B, horizon, action_dim) in robot units, NaN where free, is inpainted (real-time
         chunking: the new chunk reproduces the actions that will execute before it takes over).
         """
-        cond = self.encode(obs)
-        batch = cond.shape[0]
-        denoise, on_step = self.denoise, None
-        if committed is not None:
-            # Guidance pulls the free part of the chunk toward continuations of the committed
-            # actions; overwriting makes the committed part itself come out exact.
-            mask = torch.isfinite(committed)
-            known = self.normalizer.normalize(torch.nan_to_num(committed.float()), "action")
-            denoise = GuidedInpainting(self.denoise, mask, known, max_weight=RTC_MAX_GUIDANCE)
-            on_step = Inpainting(mask, known, generator=generator)
-        # MoDE checks its expert cache against the weights once per chunk, not at every step.
-        run = self.network.sampling() if isinstance(self.network, ModeDenoiser) else nullcontext()
-        with run:
-            x = sample(
-                denoise,
-                (batch, self.horizon, self.action_dim),
-                cond,
-                steps or int(self.config["steps"]),
-                self.process,
-                sampler or self.config["sampler"],
-                on_step=on_step,
-                generator=generator,
-                noise=noise,
-                device=cond.device,
-            )
-        return self.normalizer.unnormalize(x, "action")
+        return sample_chunk(
+            self.bind(obs),
+            committed=committed,
+            steps=steps,
+            sampler=sampler,
+            generator=generator,
+            noise=noise,
+        )
 
     def predict_chunk(
         self,
@@ -233,11 +196,7 @@ class DenoisingPolicy(nn.Module):
     ) -> np.ndarray:
         """One chunk (horizon, action_dim) in robot units from one history {key: (n_obs_steps, ...)}."""
         device = next(self.parameters()).device
-        obs = {}
-        for key in self.encoder.obs_keys:
-            if key not in history:
-                raise KeyError(f"observation history lacks key {key!r} (has {sorted(history)})")
-            obs[key] = torch.as_tensor(np.asarray(history[key]), device=device)[None]
+        obs = history_batch(history, self.encoder.obs_keys, self.n_obs_steps, device)
         c = None
         if committed is not None:
             c = torch.as_tensor(np.asarray(committed, dtype=np.float32), device=device)[None]

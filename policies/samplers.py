@@ -12,10 +12,11 @@ ending at 0 (the process's natural one unless given):
   process's ODE coordinates (``NoiseProcess.ode_time``...): sigma for DDPM and EDM, t for flow
   matching, whose uniform t grid is badly spread in sigma.
 
-Hooks, applied at every evaluation: several denoisers combined by convex weights (GPC composition:
-the weighted mean of x0_hat is the convex combination of scores), a guidance term added to x0_hat
-(a score shift times sigma^2, DynaGuide), and ``on_step`` that may overwrite the state after each
-step (inpainting committed actions for real-time chunking).
+Hooks, applied at every evaluation: a guidance term added to x0_hat (a score shift times sigma^2,
+DynaGuide), and ``on_step`` that may overwrite the state after each step (inpainting committed
+actions for real-time chunking, Langevin corrector steps). Several denoisers are combined into one
+before they get here (``Composition``, ``Product``, ``Mixture``: the composition operators of GPC,
+docs/design.md), by ``policies.inference.sample_chunk``, the one caller of ``sample``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor
 from robomosaic.policies.noise import Denoiser, NoiseProcess, expand_sigma
 
 SAMPLERS = ("ddim", "euler", "heun")
+OPERATORS = ("convex", "and", "or")
 
 
 class Guidance(Protocol):
@@ -63,6 +65,107 @@ class Composition:
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
         return sum(w * d(x, sigma, cond) for d, w in zip(self.denoisers, self.weights, strict=True))
+
+
+class Product:
+    """AND: the product of the denoisers' densities raised to their weights, prod_i p_i^w_i
+    (weights >= 0, any sum; (1, 1) is the plain product). Its score is sum_i w_i score_i, so
+    x0_hat = x + sum_i w_i (x0_hat_i - x). With weights summing to 1 this is ``Composition``.
+
+    The sum of the noised scores is the score of the noised product only at sigma -> 0; along an ODE
+    trajectory it shrinks the spread far below the product's (for two unit Gaussians, by about
+    sigma_max^2). Langevin corrector steps at each level (``LangevinCorrector``, Du et al. 2023,
+    "Reduce, Reuse, Recycle") sample each level's product instead, which tends to the product.
+    """
+
+    def __init__(self, denoisers: Sequence[Denoiser], weights: Sequence[float]):
+        if len(weights) != len(denoisers) or not denoisers:
+            raise ValueError(f"got {len(weights)} weights for {len(denoisers)} denoisers")
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"product weights {list(weights)} must be >= 0 and not all 0")
+        self.denoisers, self.weights = list(denoisers), [float(w) for w in weights]
+        self.rest = 1.0 - sum(self.weights)
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        total = sum(w * d(x, sigma, cond) for d, w in zip(self.denoisers, self.weights, strict=True))
+        return total if self.rest == 0 else total + self.rest * x
+
+
+class Mixture:
+    """OR: the mixture sum_i w_i p_i (weights >= 0 summing to 1). Each batch row draws one denoiser
+    i ~ Categorical(w) when the object is made and follows that denoiser alone along its whole
+    trajectory: an exact sample of the mixture, with no estimate of the parents' noised densities
+    (which a score-level mixture needs for its posterior responsibilities; SuperDiff, Skreta et al.
+    2025, estimates them along the trajectory). A denoiser no row chose is never evaluated.
+    Make one per sampling run."""
+
+    def __init__(
+        self,
+        denoisers: Sequence[Denoiser],
+        weights: Sequence[float],
+        batch: int,
+        generator: torch.Generator | None = None,
+    ):
+        if len(weights) != len(denoisers) or not denoisers:
+            raise ValueError(f"got {len(weights)} weights for {len(denoisers)} denoisers")
+        if min(weights) < 0 or not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
+            raise ValueError(f"mixture weights {list(weights)} must be >= 0 and sum to 1")
+        self.denoisers = list(denoisers)
+        probs = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+        self.choice = torch.multinomial(probs, batch, replacement=True, generator=generator)
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        choice = self.choice.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        out = None
+        for i, d in enumerate(self.denoisers):
+            if bool((self.choice == i).any()):
+                x0 = d(x, sigma, cond)
+                out = x0 if out is None else torch.where(choice == i, x0, out)
+        return out
+
+
+class LangevinCorrector:
+    """``on_step``: ``steps`` unadjusted Langevin steps at the new noise level (the corrector of
+    predictor-corrector sampling, Song et al. 2021), x <- x + eps score + sqrt(2 eps) z with
+    eps = step_size * sigma^2, i.e. x <- x + step_size (x0_hat - x) + sqrt(2 step_size) sigma z.
+    They move the state toward the denoiser's own distribution at that level, which the ODE alone
+    does not reach when the scores are not those of one noised density (``Product``). Nothing is
+    done at sigma = 0."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        steps: int,
+        step_size: float = 0.1,
+        generator: torch.Generator | None = None,
+    ):
+        if steps < 0 or not 0 < step_size < 1:
+            raise ValueError(f"corrector steps={steps} must be >= 0 and step_size={step_size} in (0, 1)")
+        self.denoiser, self.steps, self.step_size, self.generator = denoiser, steps, step_size, generator
+
+    def __call__(self, x: Tensor, sigma: Tensor, step: int) -> Tensor:
+        if bool((sigma == 0).all()):
+            return x
+        s = expand_sigma(sigma, x)
+        for _ in range(self.steps):
+            x0_hat = self.denoiser(x, sigma, None)
+            z = torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
+            x = x + self.step_size * (x0_hat - x) + math.sqrt(2 * self.step_size) * s * z
+        return x
+
+
+def chain_steps(*hooks: OnStep | None) -> OnStep | None:
+    """One ``on_step`` that applies the given ones (None skipped) in order."""
+    present = [h for h in hooks if h is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+
+    def on_step(x: Tensor, sigma: Tensor, step: int) -> Tensor:
+        for hook in present:
+            x = hook(x, sigma, step)
+        return x
+
+    return on_step
 
 
 class GradientGuidance:
@@ -157,15 +260,13 @@ def guided(denoiser: Denoiser, guidance: Guidance | None) -> Denoiser:
 
 
 def sample(
-    denoiser: Denoiser | Sequence[Denoiser],
+    denoiser: Denoiser,
     shape: Sequence[int],
     cond: Any,
     steps: int,
     process: NoiseProcess,
     sampler: str = "ddim",
     *,
-    weights: Sequence[float] | None = None,
-    allow_negative_weights: bool = False,
     guidance: Guidance | None = None,
     on_step: OnStep | None = None,
     eta: float = 0.0,
@@ -180,19 +281,13 @@ def sample(
     ``cond`` is the already encoded observation, handed unchanged to every ``denoise`` call.
     ``sigmas`` overrides ``process.sigmas(steps)``; the initial state is
     ``process.prior_scale(sigmas[0]) * noise`` (``noise`` ~ N(0, I) drawn from ``generator`` if None).
-    Several denoisers need ``weights`` (see ``Composition``). Returns x at the last sigma (0: clean).
+    Returns x at the last sigma (0: clean).
     Gradients are not disabled here; callers wrap in ``torch.no_grad()`` as they need.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}, expected one of {SAMPLERS}")
     if eta < 0 or (eta > 0 and sampler != "ddim"):
         raise ValueError(f"eta={eta}: must be >= 0 and is only used by the 'ddim' sampler")
-    if isinstance(denoiser, Sequence):
-        if weights is None:
-            raise ValueError(f"{len(denoiser)} denoisers given without weights")
-        denoiser = Composition(denoiser, weights, allow_negative=allow_negative_weights)
-    elif weights is not None:
-        raise ValueError("weights given for a single denoiser")
     denoise = guided(denoiser, guidance)
 
     sigmas = process.sigmas(steps) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)

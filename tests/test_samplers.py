@@ -209,7 +209,13 @@ def test_composition_of_identical_denoisers_equals_one():
     process = PROCESSES["edm"]
     single = S.sample(MIXTURE_2D, noise.shape, None, 20, process, "heun", noise=noise)
     composed = S.sample(
-        [MIXTURE_2D, MIXTURE_2D], noise.shape, None, 20, process, "heun", weights=(0.3, 0.7), noise=noise
+        S.Composition([MIXTURE_2D, MIXTURE_2D], (0.3, 0.7)),
+        noise.shape,
+        None,
+        20,
+        process,
+        "heun",
+        noise=noise,
     )
     torch.testing.assert_close(composed, single, rtol=1e-10, atol=1e-10)
 
@@ -224,7 +230,7 @@ def test_composition_is_the_convex_combination_of_scores():
     )
     torch.testing.assert_close(N.score_from_x0(x, sigma, composed(x, sigma, None)), expected)
     # Composing moves mass toward the second policy's mode.
-    a = S.sample([MIXTURE_2D, other], (4000, 1, 2), None, 20, PROCESSES["flow"], "heun", weights=[0.25, 0.75])
+    a = S.sample(composed, (4000, 1, 2), None, 20, PROCESSES["flow"], "heun")
     b = S.sample(MIXTURE_2D, (4000, 1, 2), None, 20, PROCESSES["flow"], "heun")
     target = torch.tensor([0.5, -0.5])
     assert (a - target).norm(dim=-1).mean() < (b - target).norm(dim=-1).mean()
@@ -237,8 +243,6 @@ def test_composition_weights_are_validated():
         S.Composition([MIXTURE_1D, MIXTURE_1D], [1.5, -0.5])
     with pytest.raises(ValueError, match="2 weights for 3 denoisers"):
         S.Composition([MIXTURE_1D] * 3, [0.5, 0.5])
-    with pytest.raises(ValueError, match="without weights"):
-        S.sample([MIXTURE_1D, MIXTURE_1D], (2, 1, 1), None, 3, PROCESSES["edm"])
     # Negative weights (extrapolation) only behind the flag.
     x, sigma = torch.ones(2, 1, 1, dtype=F64), torch.ones(2, dtype=F64)
     extrapolated = S.Composition([MIXTURE_1D, MIXTURE_1D], [1.5, -0.5], allow_negative=True)
@@ -367,8 +371,6 @@ def test_bad_sampler_arguments_are_named():
         S.sample(MIXTURE_1D, (2, 1, 1), None, 3, process, "dpm")
     with pytest.raises(ValueError, match="eta=0.5"):
         S.sample(MIXTURE_1D, (2, 1, 1), None, 3, process, "heun", eta=0.5)
-    with pytest.raises(ValueError, match="weights given for a single denoiser"):
-        S.sample(MIXTURE_1D, (2, 1, 1), None, 3, process, weights=[1.0])
     with pytest.raises(ValueError, match="strictly decreasing"):
         S.sample(MIXTURE_1D, (2, 1, 1), None, 3, process, sigmas=torch.tensor([1.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match="noise has shape"):

@@ -147,6 +147,12 @@ class Normalizer:
         shift, scale, bias = self._get(key, y)
         return (y - bias) / scale + shift
 
+    def affine(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shift, scale, bias) of `key`: normalize(x) = (x - shift) * scale + bias, per dimension."""
+        if key not in self._params:
+            raise KeyError(f"normalizer has no key {key!r} (keys: {sorted(self._params)})")
+        return self._params[key]
+
     def normalize_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Normalize every array of a (nested) dict such as a `SequenceDataset` batch."""
         return {

@@ -40,7 +40,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from robomosaic.data.multitask import TASK_ID, TaskSet
 from robomosaic.data.normalizer import Normalizer
 from robomosaic.data.sampler import SequenceDataset, SequenceSampler, make_dataloader, split_episodes
-from robomosaic.data.store import EpisodeStore
+from robomosaic.data.spec import KeySpec
+from robomosaic.data.store import META_FIELDS, EpisodeStore
 from robomosaic.policies.denoising_policy import DenoisingPolicy
 from robomosaic.sim.tasks import PROPRIO_KEYS
 
@@ -106,8 +107,54 @@ def load_dataset(cfg: DictConfig) -> tuple[EpisodeStore, np.ndarray, np.ndarray]
         raise TrainingError(
             f"{path}: dataset was recorded on task {store.spec.task!r}, config says {cfg.task.name!r}"
         )
-    train_eps, val_eps = split_episodes(store.n_episodes, float(cfg.val_ratio), int(cfg.seed))
-    return store, train_eps, val_eps
+    chosen = selected_episodes(store, cfg.episodes)
+    train_pos, val_pos = split_episodes(len(chosen), float(cfg.val_ratio), int(cfg.seed))
+    return store, chosen[train_pos], chosen[val_pos]
+
+
+def selected_episodes(store: EpisodeStore, where: Mapping[str, Any] | None) -> np.ndarray:
+    """Indices of the episodes whose metadata matches `where` ({field: [allowed values]}, e.g.
+    {behaviour: [red, green]}); every episode when None."""
+    if not where:
+        return np.arange(store.n_episodes)
+    keep = np.ones(store.n_episodes, dtype=bool)
+    for field, allowed in where.items():
+        if field not in META_FIELDS:
+            raise TrainingError(f"episodes.{field}: no such episode field (fields: {list(META_FIELDS)})")
+        values = store.meta_array(field)
+        keep &= np.isin(values.astype(str) if values.dtype.kind in "OUT" else values, list(allowed))
+    chosen = np.flatnonzero(keep)
+    if len(chosen) < 2:
+        raise TrainingError(
+            f"{store.path}: episodes={dict(where)} selects {len(chosen)} episode(s); need at least 2"
+        )
+    return chosen
+
+
+def reuse_action_normalization(normalizer: Normalizer, checkpoint: str | Path, action: KeySpec) -> Normalizer:
+    """`normalizer` with the action statistics of another checkpoint, so that the two policies
+    denoise in one normalized action space and can be composed (GPC)."""
+    from robomosaic.policies.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(checkpoint)
+    except CheckpointError as e:
+        raise TrainingError(f"normalizer_from={checkpoint}: {e}") from None
+    mode = ckpt.spec.get("normalizer_modes", {}).get("action")
+    stats = {
+        name.removeprefix("action/"): t.numpy()
+        for name, t in ckpt.parts.get("normalizer", {}).items()
+        if name.startswith("action/")
+    }
+    if mode is None:
+        raise TrainingError(f"normalizer_from={checkpoint}: its spec.json has no action normalization")
+    theirs = tuple(ckpt.spec.get("action", {}).get("shape", ()))
+    if theirs != tuple(action.shape):
+        raise TrainingError(
+            f"normalizer_from={checkpoint}: its actions have shape {theirs}, "
+            f"this dataset's {tuple(action.shape)}"
+        )
+    return Normalizer({**normalizer.modes, "action": mode}, {**normalizer.stats, "action": stats})
 
 
 def make_loader(
@@ -264,6 +311,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         mode=dict(cfg.normalizer) if cfg.normalizer else "minmax",
         episodes=train_eps,
     )
+    if cfg.normalizer_from:
+        normalizer = reuse_action_normalization(normalizer, cfg.normalizer_from, store.spec.keys["action"])
     obs_spec = {k: store.spec.keys[k] for k in obs_keys}
     task_set = dataset_task_set(store)
     config = policy_config(cfg, task_set)

@@ -191,12 +191,15 @@ def check_state_dict(
 
 
 POLICY_CLASSES: dict[str, Callable[[Checkpoint], Any]] = {}
-# Modules whose import registers policy classes; imported on first `load_policy`.
-POLICY_MODULES = ("robomosaic.policies.denoising_policy", "robomosaic.policies.raptor.student")
+# Policy kinds are found through this entry-point group: a package (this one included, see
+# pyproject.toml) declares `<policy_class> = "module:loader"` and `load_policy` imports the module
+# the first time a checkpoint of that class is loaded. Nothing here lists the kinds.
+ENTRY_POINT_GROUP = "robomosaic.policies"
 
 
 def register_policy(name: str) -> Callable[[Callable[[Checkpoint], Any]], Callable[[Checkpoint], Any]]:
-    """Register a loader `from_checkpoint(ckpt) -> policy` under the policy class name in spec.json."""
+    """Register a loader `from_checkpoint(ckpt) -> policy` under the policy class name in spec.json
+    (for policy kinds defined outside an installed package; installed ones use the entry point)."""
 
     def wrap(loader: Callable[[Checkpoint], Any]) -> Callable[[Checkpoint], Any]:
         POLICY_CLASSES[name] = loader
@@ -205,16 +208,23 @@ def register_policy(name: str) -> Callable[[Callable[[Checkpoint], Any]], Callab
     return wrap
 
 
+def policy_loader(name: str, where: Path) -> Callable[[Checkpoint], Any]:
+    """The loader registered for a policy class, from `register_policy` or the entry points."""
+    if name in POLICY_CLASSES:
+        return POLICY_CLASSES[name]
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        raise CheckpointError(
+            f"{where}: policy class {name!r} is unknown; known: {sorted(set(found) | set(POLICY_CLASSES))} "
+            f"(a policy kind registers itself with register_policy or the {ENTRY_POINT_GROUP!r} entry points)"
+        )
+    POLICY_CLASSES[name] = found[name].load()
+    return POLICY_CLASSES[name]
+
+
 def load_policy(path: str | Path) -> Any:
     """Any policy of the project, from its checkpoint folder."""
-    import importlib
-
-    for module in POLICY_MODULES:
-        importlib.import_module(module)
     ckpt = read_checkpoint(path)
-    name = ckpt.spec.get("policy_class")
-    if name not in POLICY_CLASSES:
-        raise CheckpointError(
-            f"{ckpt.path}: policy class {name!r} is unknown; known: {sorted(POLICY_CLASSES)}"
-        )
-    return POLICY_CLASSES[name](ckpt)
+    return policy_loader(str(ckpt.spec.get("policy_class")), ckpt.path)(ckpt)

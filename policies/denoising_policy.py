@@ -33,7 +33,6 @@ from robomosaic.policies.checkpoint import (
     CheckpointError,
     ChunkInterface,
     check_state_dict,
-    register_policy,
     save_checkpoint,
 )
 from robomosaic.policies.encoders import ObservationEncoder
@@ -255,5 +254,3 @@ class DenoisingPolicy(nn.Module):
         policy.eval()
         return policy
 
-
-register_policy(DenoisingPolicy.policy_class)(DenoisingPolicy.from_checkpoint)

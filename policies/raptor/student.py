@@ -43,7 +43,6 @@ from robomosaic.policies.checkpoint import (
     CheckpointError,
     check_state_dict,
     read_checkpoint,
-    register_policy,
     save_checkpoint,
 )
 
@@ -152,5 +151,3 @@ class RaptorStudent(nn.Module):
             )
         return cls.from_checkpoint(ckpt)
 
-
-register_policy(RaptorStudent.policy_class)(RaptorStudent.from_checkpoint)

@@ -67,7 +67,8 @@ class ActionSpace:
     def robot_range(self) -> tuple[np.ndarray, np.ndarray]:
         """Per dimension, the robot-unit values that normalize to -1 and +1."""
         shift, scale, bias = (
-            np.asarray(p, dtype=np.float64).reshape(-1) for p in self.normalizer.affine("action")
+            np.broadcast_to(np.asarray(p, dtype=np.float64).reshape(-1), (self.action_dim,))
+            for p in self.normalizer.affine("action")
         )
         return (-1 - bias) / scale + shift, (1 - bias) / scale + shift
 
@@ -132,7 +133,7 @@ def shared_schedule(processes: Sequence[NoiseProcess], lead: NoiseProcess, steps
     return torch.cat([positive, sigmas.new_zeros(1)])
 
 
-def _weights(operator: str, weights: Sequence[float] | None, n: int) -> list[float]:
+def check_weights(operator: str, weights: Sequence[float] | None, n: int) -> list[float]:
     if operator not in OPERATORS:
         raise CompositionError(f"operator={operator!r}, expected one of {OPERATORS}")
     if weights is None:
@@ -171,12 +172,13 @@ def sample_chunk(
     (B, horizon, action_dim) in robot units, NaN where free, is inpainted (real-time chunking).
     `corrector_steps` Langevin steps at each noise level (see `samplers.LangevinCorrector`) move the
     state toward the composed distribution itself (needed by AND, whose summed scores are only
-    exact at sigma = 0). Gradients are off unless `guidance` or `committed` needs them.
+    exact at sigma = 0). Callers wrap it in `torch.no_grad()`; guidance and committed actions
+    turn gradients on where they need them.
     """
     parents = [parents] if isinstance(parents, BoundDenoiser) else list(parents)
     if not parents:
         raise CompositionError("sample_chunk needs at least one bound denoiser")
-    weights = _weights(operator, weights, len(parents))
+    weights = check_weights(operator, weights, len(parents))
     active = [(p, w) for p, w in zip(parents, weights, strict=True) if w != 0]
     lead = active[0][0]
     check_same_action_space([p.action_space for p, _ in active], [p.name for p, _ in active])

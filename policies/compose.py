@@ -122,7 +122,7 @@ def plot(path: Path, result: dict[str, Any]) -> None:
     ax = axes[0, 0]
     ax.errorbar(x, rate, yerr=[low, high], fmt="o-", capsize=3)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel(f"success on {result['selection']['episodes']} selection seeds (Wilson 95 %)")
+    ax.set_ylabel(f"success on {result['settings']['selection']['episodes']} selection seeds (Wilson 95 %)")
     xlabel = f"weight of {names[1]} (1 - weight of {names[0]})" if two else "grid point (see compose.json)"
     ax.set_xlabel(xlabel)
     ax.set_title(f"{result['task']}: {result['operator']} composition")
@@ -172,6 +172,9 @@ def run(cfg: Any, command: str) -> dict[str, Any]:
         "task": task,
         "seed": int(cfg.seed),
         "grid": [list(w) for w in grid],
+        "selection": {"episodes": int(cfg.selection_episodes), "seed_offset": int(cfg.selection_seed_offset)},
+        "report": {"episodes": int(cfg.report_episodes), "seed_offset": int(cfg.report_seed_offset)},
+        "max_steps": cfg.max_steps,
     }
     result: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if result and result.get("settings") != settings:
@@ -183,14 +186,6 @@ def run(cfg: Any, command: str) -> dict[str, Any]:
         command=command, settings=settings, task=task, operator=cfg.operator, parents=names, machine=machine()
     )
     result.setdefault("search", [])
-    result["selection"] = {
-        "episodes": int(cfg.selection_episodes),
-        "seed_offset": int(cfg.selection_seed_offset),
-    }
-    result["report_seeds"] = {
-        "episodes": int(cfg.report_episodes),
-        "seed_offset": int(cfg.report_seed_offset),
-    }
     sel = cfg.selection_seed_offset, cfg.selection_seed_offset + cfg.selection_episodes
     rep = cfg.report_seed_offset, cfg.report_seed_offset + cfg.report_episodes
     if search and max(sel[0], rep[0]) < min(sel[1], rep[1]):
@@ -265,3 +260,7 @@ def run(cfg: Any, command: str) -> dict[str, Any]:
         )
     print(f"chosen weights {chosen}; wrote {out / 'composed'} and {state_file}")
     return result
+
+
+if __name__ == "__main__":
+    main()

@@ -352,6 +352,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "control_hz": store.spec.control_hz,
         "dataset": str(Path(cfg.dataset).resolve()),
         "dataset_episodes": int(store.n_episodes),
+        "train_episodes": [int(i) for i in train_eps],
+        **({"normalizer_from": str(cfg.normalizer_from)} if cfg.normalizer_from else {}),
     }
     if task_set is not None:
         extra_spec["task_set"] = task_set.to_dict()

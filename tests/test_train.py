@@ -88,6 +88,31 @@ def test_bad_dataset_is_rejected_before_training(lift_store, tmp_path):
     assert not (tmp_path / "b" / "last").exists()
 
 
+def test_episode_filter_and_normalizer_from(lift_store, tmp_path):
+    """Parent B trained on other episodes than A, with A's action normalization (GPC parents)."""
+    base = [f"dataset={lift_store}", "val_ratio=0", "train.steps=2", "train.eval_every=0", *TINY]
+    train([*base, f"out={tmp_path / 'a'}", "episodes={seed:[0,1]}"])
+    train(
+        [
+            *base,
+            f"out={tmp_path / 'b'}",
+            "episodes={seed:[1,2]}",
+            f"normalizer_from={tmp_path / 'a' / 'best'}",
+        ]
+    )
+    spec_a = json.loads((tmp_path / "a" / "best" / "spec.json").read_text())
+    spec_b = json.loads((tmp_path / "b" / "best" / "spec.json").read_text())
+    assert spec_a["train_episodes"] == [0, 1] and spec_b["train_episodes"] == [1, 2]
+    a, b = load_policy(tmp_path / "a" / "best"), load_policy(tmp_path / "b" / "best")
+    for stat, value in a.normalizer.stats["action"].items():
+        np.testing.assert_array_equal(b.normalizer.stats["action"][stat], value)
+    assert not np.array_equal(a.normalizer.stats["object"]["min"], b.normalizer.stats["object"]["min"])
+    with pytest.raises(SystemExit, match=r"episodes.colour: no such episode field"):
+        train([*base, f"out={tmp_path / 'c'}", "episodes={colour:[red]}"])
+    with pytest.raises(SystemExit, match="normalizer_from=.*nope"):
+        train([*base, f"out={tmp_path / 'd'}", f"normalizer_from={tmp_path / 'nope'}"])
+
+
 # -- data parallel: one 2-process gloo step equals one single-process step on the doubled batch --
 
 OBS = {"eef": KeySpec((3,), "float64")}

@@ -11,10 +11,11 @@ rollouts on the report seeds, a range disjoint from the selection seeds (both re
 The reference GPC code chooses and reports weights on the same seeds, which overstates the gain.
 
 `out/compose.json` holds every finished evaluation and is written after each one: a run that is
-stopped continues where it was with the same command. `out/compose.png` plots success against the
-weight with Wilson intervals and, given `heldout=<store>`, the held-out denoising error of the
-composed denoiser against the weight (the paper's argument: the error is convex in the weights, so
-a mixture of two parents can denoise better than either).
+stopped continues where it was with the same command (`out/compose.md`: the same as tables).
+`out/compose.png` plots success against the weight with Wilson intervals and, given
+`heldout=<store>`, the held-out denoising error of the composed denoiser against the weight (the
+paper's argument: the error is convex in the weights, so a mixture of two parents can denoise
+better than either).
 """
 
 from __future__ import annotations
@@ -120,9 +121,20 @@ def plot(path: Path, result: dict[str, Any]) -> None:
     panels = 2 if result.get("heldout_error") else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     ax = axes[0, 0]
-    ax.errorbar(x, rate, yerr=[low, high], fmt="o-", capsize=3)
+    ax.errorbar(x, rate, yerr=[low, high], fmt="o-", capsize=3, label="selection seeds")
+    report = result.get("report", {})
+    if two and report:  # the parents sit at weight 0 and 1, the composition at its chosen weight
+        where = {names[0]: 0.0, names[1]: 1.0, "composed": result["chosen_weights"][1]}
+        arms = [n for n in where if n in report]
+        r = np.array([report[n]["success_rate"] for n in arms])
+        ci = np.array([report[n]["ci95"] for n in arms])
+        ax.errorbar(
+            [where[n] for n in arms], r, yerr=[r - ci[:, 0], ci[:, 1] - r], fmt="D", color="tab:orange",
+            capsize=3, label=f"report seeds ({result['settings']['report']['episodes']} each)",
+        )  # fmt: skip
+        ax.legend(loc="lower center")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel(f"success on {result['settings']['selection']['episodes']} selection seeds (Wilson 95 %)")
+    ax.set_ylabel(f"success rate (Wilson 95 %; {result['settings']['selection']['episodes']} per grid point)")
     xlabel = f"weight of {names[1]} (1 - weight of {names[0]})" if two else "grid point (see compose.json)"
     ax.set_xlabel(xlabel)
     ax.set_title(f"{result['task']}: {result['operator']} composition")
@@ -135,6 +147,42 @@ def plot(path: Path, result: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The report as a markdown table: every arm on the report seeds, with the test against it."""
+    settings = result["settings"]
+    rep, sel = settings["report"], settings["selection"]
+    lines = [
+        f"`{result['command']}`",
+        "",
+        f"{result['task']}, operator {result['operator']}, chosen weights {result['chosen_weights']}"
+        + (f" on {sel['episodes']} selection seeds from {sel['seed_offset']}" if result["search"] else "")
+        + f"; report seeds {rep['seed_offset']}..{rep['seed_offset'] + rep['episodes'] - 1}; "
+        + result["machine"],
+        "",
+        "| arm | success | 95 % interval | behaviours | ms per chunk (median) | composed - arm: z "
+        "| p (one-sided) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["report"].items():
+        t = result["tests"].get(name)
+        behaviours = ", ".join(f"{k} {v}" for k, v in r["behaviours"].items()) or "-"
+        latency = f"{r['inference_ms']['median']:.1f}" if r.get("inference_ms") else "-"
+        lines.append(
+            f"| {name} | {r['successes']}/{rep['episodes']} ({r['success_rate']:.1%}) | "
+            f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {behaviours} | {latency} | "
+            + (f"{t['z']:.2f} | {t['p_one_sided']:.3g} |" if t else "| |")
+        )
+    if result["search"]:
+        mse = result.get("heldout_error", {}).get("mse")
+        lines += ["", "| weights | selection success | held-out denoising MSE |", "|---|---|---|"]
+        for i, point in enumerate(result["search"]):
+            lines.append(
+                f"| {point['weights']} | {point['successes']}/{sel['episodes']} | "
+                + (f"{mse[i]:.4f} |" if mse else "- |")
+            )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -249,6 +297,7 @@ def run(cfg: Any, command: str) -> dict[str, Any]:
         if name != "composed"
     }
     save()
+    (out / "compose.md").write_text(markdown(result))
     if search:
         plot(out / "compose.png", result)
     for name, r in result["report"].items():

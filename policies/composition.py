@@ -19,6 +19,7 @@ parent that was retrained or modified is refused by name.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -153,13 +154,17 @@ class ComposedPolicy(nn.Module):
         if len(parent_paths) != len(self.parents):
             raise CompositionError(f"got {len(parent_paths)} parent paths for {len(self.parents)} parents")
         path.mkdir(parents=True, exist_ok=True)
-        parents = []
+        parents, rates = [], {}
         for parent, name in zip(parent_paths, self.names, strict=True):
             parent = Path(parent)
             if not (parent / "spec.json").is_file():
                 raise CheckpointError(f"parent {name}: {parent} is not a checkpoint folder (no spec.json)")
             rel = os.path.relpath(parent.resolve(), path.resolve())
             parents.append({"name": name, "path": rel, "spec_sha256": _spec_digest(parent)})
+            if (hz := json.loads((parent / "spec.json").read_text()).get("control_hz")) is not None:
+                rates[name] = float(hz)
+        if len(set(rates.values())) > 1:
+            raise CompositionError(f"parents were trained at different control rates (Hz): {rates}")
         self.config = {
             "operator": self.operator,
             "weights": self.weights,
@@ -172,6 +177,7 @@ class ComposedPolicy(nn.Module):
             "horizon": self.horizon,
             "n_obs_steps": self.n_obs_steps,
             "n_action_steps": self.n_action_steps,
+            **({"control_hz": next(iter(rates.values()))} if rates else {}),
             **({"task": task} if task else {}),
         }
         return save_checkpoint(path, self.policy_class, self.config, {}, spec)

@@ -300,9 +300,12 @@ def test_parents_read_their_own_keys_and_history_lengths():
 
 def test_composed_checkpoint_round_trips_and_refuses_a_changed_parent(tmp_path):
     a, b = policy("ddpm_unet"), policy("flow_transformer", seed=1)
-    a.save(tmp_path / "runs" / "a", extra_spec={"task": "lift"})
-    b.save(tmp_path / "runs" / "b")
+    a.save(tmp_path / "runs" / "a", extra_spec={"task": "lift", "control_hz": 20.0})
+    b.save(tmp_path / "runs" / "b", extra_spec={"control_hz": 10.0})
     composed = ComposedPolicy([a, b], [0.4, 0.6], names=["a", "b"])
+    with pytest.raises(CompositionError, match=r"different control rates.*'a': 20.0, 'b': 10.0"):
+        composed.save(tmp_path / "refused", [tmp_path / "runs" / "a", tmp_path / "runs" / "b"])
+    b.save(tmp_path / "runs" / "b", extra_spec={"control_hz": 20.0})
     composed.save(
         tmp_path / "composed" / "ab", [tmp_path / "runs" / "a", tmp_path / "runs" / "b"], task="lift"
     )
@@ -332,6 +335,7 @@ def test_composed_checkpoint_round_trips_and_refuses_a_changed_parent(tmp_path):
         load_policy(moved / "composed" / "ab")
     spec = json.loads((moved / "composed" / "ab" / "spec.json").read_text())
     assert spec["policy_class"] == "ComposedPolicy" and spec["task"] == "lift" and spec["horizon"] == HORIZON
+    assert spec["control_hz"] == 20.0, "the ROS 2 node reads the control rate from the composed spec"
 
 
 def test_unknown_policy_class_names_the_entry_point_group(tmp_path):

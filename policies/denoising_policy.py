@@ -253,4 +253,3 @@ class DenoisingPolicy(nn.Module):
         policy.load_state_dict(weights)
         policy.eval()
         return policy
-

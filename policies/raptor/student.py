@@ -150,4 +150,3 @@ class RaptorStudent(nn.Module):
                 f"{ckpt.path}: policy class is {ckpt.spec.get('policy_class')!r}, not {cls.policy_class!r}"
             )
         return cls.from_checkpoint(ckpt)
-

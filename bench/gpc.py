@@ -8,15 +8,18 @@ are timed in turn (round robin, so that load changes hit them alike), one torch 
 median of its per-run values. The ratio that matters is composed / (A + B): the composition
 evaluates both parents at every step, so it cannot be cheaper than their sum by much, and should
 not be dearer (its overhead is a weighted sum per step). OR evaluates, per row, only the chosen
-parent: at batch 1 one parent per chunk. Run on an idle machine:
+parent: at batch 1 one parent per chunk. For parents of one architecture it also times one network
+evaluation of both in turn against one `torch.func.vmap` call over their stacked weights (the
+ablation behind evaluating parents in turn; docs/design.md). Run on an idle machine:
 
-    .venv/bin/python bench/gpc.py --pair lift runs/gpc/lift_unet500/best runs/gpc/lift_tf500/best \
+    .venv/bin/python bench/gpc.py --pair lift tests/assets/gpc_lift/unet tests/assets/gpc_lift/transformer \
         --store runs/gpc/lift_heldout.zarr --results docs/results/gpc_latency.md
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import shlex
@@ -26,14 +29,17 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch.func import functional_call, stack_module_state, vmap
 
 from robomosaic.data.sampler import SequenceSampler
 from robomosaic.data.store import EpisodeStore
 from robomosaic.policies.checkpoint import load_policy
 from robomosaic.policies.composition import ComposedPolicy
+from robomosaic.policies.inference import history_batch
 from robomosaic.sim.measure_experts import machine
 
 
@@ -57,6 +63,32 @@ def time_round_robin(variants: dict[str, Callable[[], object]], reps: int) -> di
             call()
             times[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def network_step_times(a: Any, b: Any, h: dict[str, np.ndarray], reps: int) -> tuple[float, float] | None:
+    """One network evaluation of both parents, in turn against as one `torch.func.vmap` call over
+    their stacked weights (ms, median of `reps`), for parents of one architecture (else None).
+
+    This is the ablation behind evaluating parents in turn: on the CPU at batch 1 the vmapped call
+    is not faster (batched-weight convolutions and matmuls lose to two small dense ones)."""
+    kind = a.config["network"]
+    if kind != b.config["network"] or a.config[kind] != b.config[kind]:
+        return None
+    params, buffers = stack_module_state([a.network, b.network])
+    skeleton = copy.deepcopy(a.network).to("meta")
+    with torch.no_grad():
+        obs = history_batch(h, list(a.obs_spec), a.n_obs_steps, torch.device("cpu"))
+        cond_a, cond_b = a.encode(obs), b.encode(obs)
+        conds = torch.stack([cond_a, cond_b])
+        x, t = torch.randn(1, a.horizon, a.action_dim), torch.tensor([5.0])
+        batched = vmap(lambda p, bu, c: functional_call(skeleton, (p, bu), (x, t, c)))
+        calls = {
+            "in turn": lambda: (a.network(x, t, cond_a), b.network(x, t, cond_b)),
+            "vmap": lambda: batched(params, buffers, conds),
+        }
+        time_round_robin(calls, 10)
+        times = time_round_robin(calls, reps)
+    return times["in turn"], times["vmap"]
 
 
 def main() -> None:
@@ -91,7 +123,7 @@ def main() -> None:
         for op in composed:
             values = [r[op] / (r["A"] + r["B"]) for r in runs]
             spread[op] = (min(values), max(values))
-        rows.append((name, Path(path_a), Path(path_b), med, ratio, spread))
+        rows.append((name, Path(path_a), Path(path_b), med, ratio, spread, network_step_times(a, b, h, 100)))
     load_after = os.getloadavg()
 
     lines = [
@@ -99,9 +131,9 @@ def main() -> None:
         "| OR (ms) | OR / (A+B) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, pa, pb, med, ratio, spread in rows:
-        cells = [f"{name}: {pa.parent.name} + {pb.parent.name}", f"{med['A']:.1f}", f"{med['B']:.1f}",
-                 f"{med['A'] + med['B']:.1f}"]  # fmt: skip
+    for name, pa, pb, med, ratio, spread, _ in rows:
+        label = f"{name}: {pa.parent.name}/{pa.name} + {pb.parent.name}/{pb.name}"
+        cells = [label, f"{med['A']:.1f}", f"{med['B']:.1f}", f"{med['A'] + med['B']:.1f}"]
         for op in ("convex", "and", "or"):
             lo, hi = spread[op]
             cells += [f"{med[op]:.1f}", f"**{ratio[op]:.2f}** ({lo:.2f}-{hi:.2f})"]
@@ -119,7 +151,20 @@ def main() -> None:
         "ratios: median over runs (range); weights (0.5, 0.5), on the lead parent's schedule",
         "",
     ]
-    text = "\n".join(header + lines) + "\n"
+    batching = [
+        "",
+        "Parents of one architecture evaluated as one batch (`torch.func.vmap` over their stacked weights) "
+        "against in turn, one network evaluation of both parents (ms, median of 100, same run):",
+        "",
+        "| pair | in turn (ms) | vmap (ms) | vmap / in turn |",
+        "|---|---|---|---|",
+    ]
+    for name, *_, step in rows:
+        if step is None:
+            batching.append(f"| {name} | - | - | different architectures: cannot be batched |")
+        else:
+            batching.append(f"| {name} | {step[0]:.2f} | {step[1]:.2f} | **{step[1] / step[0]:.2f}** |")
+    text = "\n".join(header + lines + batching) + "\n"
     print(text)
     if args.results:
         args.results.parent.mkdir(parents=True, exist_ok=True)

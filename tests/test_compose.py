@@ -42,6 +42,15 @@ def test_weight_search_writes_a_composed_checkpoint_and_resumes(tmp_path):
     assert (tmp_path / "ab" / "compose.png").stat().st_size > 10_000
     policy = load_policy(tmp_path / "ab" / "composed")
     assert isinstance(policy, ComposedPolicy) and policy.weights == result["chosen_weights"]
+    # robomosaic-eval takes the composed checkpoint like any other
+    report = tmp_path / "eval.json"
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "robomosaic.policies.evaluate", f"checkpoint={tmp_path / 'ab' / 'composed'}",
+         "episodes=1", "max_steps=12", "workers=1", "videos=0", "progress=false", f"out={report}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(report.read_text())["task"] == "lift", "the composed spec names its task"
     # a second run with the same command evaluates nothing again
     again = compose(tmp_path / "ab")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -153,7 +153,6 @@ class ComposedPolicy(nn.Module):
         path = Path(path)
         if len(parent_paths) != len(self.parents):
             raise CompositionError(f"got {len(parent_paths)} parent paths for {len(self.parents)} parents")
-        path.mkdir(parents=True, exist_ok=True)
         parents, rates = [], {}
         for parent, name in zip(parent_paths, self.names, strict=True):
             parent = Path(parent)
@@ -165,6 +164,7 @@ class ComposedPolicy(nn.Module):
                 rates[name] = float(hz)
         if len(set(rates.values())) > 1:
             raise CompositionError(f"parents were trained at different control rates (Hz): {rates}")
+        path.mkdir(parents=True, exist_ok=True)
         self.config = {
             "operator": self.operator,
             "weights": self.weights,

@@ -305,6 +305,7 @@ def test_composed_checkpoint_round_trips_and_refuses_a_changed_parent(tmp_path):
     composed = ComposedPolicy([a, b], [0.4, 0.6], names=["a", "b"])
     with pytest.raises(CompositionError, match=r"different control rates.*'a': 20.0, 'b': 10.0"):
         composed.save(tmp_path / "refused", [tmp_path / "runs" / "a", tmp_path / "runs" / "b"])
+    assert not (tmp_path / "refused").exists(), "a refused composition writes nothing"
     b.save(tmp_path / "runs" / "b", extra_spec={"control_hz": 20.0})
     composed.save(
         tmp_path / "composed" / "ab", [tmp_path / "runs" / "a", tmp_path / "runs" / "b"], task="lift"

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from report import publish
 from torch.func import functional_call, stack_module_state, vmap
 
 from robomosaic.data.sampler import SequenceSampler
@@ -165,11 +166,7 @@ def main() -> None:
         else:
             batching.append(f"| {name} | {step[0]:.2f} | {step[1]:.2f} | **{step[1] / step[0]:.2f}** |")
     text = "\n".join(header + lines + batching) + "\n"
-    print(text)
-    if args.results:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(text)
-        print(f"wrote {args.results}")
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report import publish
 
 from robomosaic.policies.checkpoint import load_policy
 from robomosaic.policies.composition import ComposedPolicy
@@ -111,11 +112,7 @@ def main() -> None:
         "",
     ]
     text = "\n".join(header + lines) + "\n"
-    print(text)
-    if args.results:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(text)
-        print(f"wrote {args.results}")
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

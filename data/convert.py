@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from robomosaic.conf.console import RobomosaicError
 from robomosaic.data.spec import DatasetSpec, KeySpec
 
 FORMATS = ("auto", "robosuite", "robomimic")
@@ -41,7 +42,7 @@ DEFAULT_CONTROL_HZ = 20.0  # robosuite's and robomimic's default control frequen
 Episode = tuple[dict[str, np.ndarray], dict[str, Any]]
 
 
-class ConvertError(ValueError):
+class ConvertError(RobomosaicError, ValueError):
     """An input file that is not what its format promises; the message names the file and key."""
 
 

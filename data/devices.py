@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from robomosaic.conf.console import RobomosaicError
+
 HUMAN_DEVICES = ("keyboard", "spacemouse")
 SUCCESS_HOLD_STEPS = 10  # as collect_human_demonstrations.py: keep recording briefly after success
 
 
-class DeviceError(RuntimeError):
+class DeviceError(RobomosaicError, RuntimeError):
     """A teleoperation device or the viewer could not be opened; the message says why."""
 
 

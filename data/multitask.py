@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from robomosaic.conf.console import RobomosaicError
 from robomosaic.data.spec import DatasetSpec, KeySpec
 from robomosaic.data.store import EpisodeStore, StoreError
 
@@ -30,7 +31,7 @@ PADDED_KEY = "object"
 DROPPED_KEYS = ("state",)
 
 
-class MergeError(ValueError):
+class MergeError(RobomosaicError, ValueError):
     """The input stores cannot be merged (named in the message)."""
 
 

@@ -38,6 +38,7 @@ from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.sync import sync
 
+from robomosaic.conf.console import RobomosaicError
 from robomosaic.data.spec import DatasetSpec, KeySpec
 
 FORMAT = "robomosaic.episode_store"
@@ -66,7 +67,7 @@ META_CHUNK = 4096
 DEFAULT_CACHE_BYTES = 256 << 20
 
 
-class StoreError(ValueError):
+class StoreError(RobomosaicError, ValueError):
     """A store that cannot be opened or written as asked; the message names path, key and episode."""
 
 

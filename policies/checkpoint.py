@@ -26,13 +26,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from robomosaic.conf.console import RobomosaicError
 from robomosaic.data.spec import KeySpec
 
 FORMAT = "robomosaic-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RobomosaicError, ValueError):
     """A checkpoint folder that cannot be loaded; the message names the folder and the culprit."""
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from robomosaic.conf.console import RobomosaicError
 from robomosaic.data.multitask import TaskSet
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.checkpoint import CheckpointError, load_policy
@@ -45,7 +46,7 @@ MIN_SEED_OFFSET = 100_000
 VIDEO_CAMERA = "agentview"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(RobomosaicError, ValueError):
     """Evaluation cannot start: the message names the parameter, checkpoint or observation key."""
 
 

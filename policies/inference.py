@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from robomosaic.conf.console import RobomosaicError
 from robomosaic.data.normalizer import Normalizer
 from robomosaic.policies.noise import NoiseProcess
 from robomosaic.policies.samplers import (
@@ -46,7 +47,7 @@ RTC_MAX_GUIDANCE = 5.0
 NORMALIZATION_RTOL = 1e-5
 
 
-class CompositionError(ValueError):
+class CompositionError(RobomosaicError, ValueError):
     """Parents that cannot be sampled together; the message names the parent and the dimension."""
 
 

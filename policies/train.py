@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
+from robomosaic.conf.console import RobomosaicError
 from robomosaic.data.multitask import TASK_ID, TaskSet
 from robomosaic.data.normalizer import Normalizer
 from robomosaic.data.sampler import SequenceDataset, SequenceSampler, make_dataloader, split_episodes
@@ -50,7 +51,7 @@ from robomosaic.sim.tasks import PROPRIO_KEYS
 SELECTION_SEED_OFFSET = 500_000
 
 
-class TrainingError(ValueError):
+class TrainingError(RobomosaicError, ValueError):
     """A dataset or config that cannot be trained on; raised before any training step."""
 
 

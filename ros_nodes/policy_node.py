@@ -70,6 +70,7 @@ from typing import Any
 
 import numpy as np
 
+from robomosaic.conf.console import RobomosaicError
 from robomosaic.ros_nodes.common import require_rclpy
 
 require_rclpy()
@@ -126,7 +127,7 @@ PARAMETERS: dict[str, Any] = {
 LATENCY_WINDOW = 200  # chunks over which the diagnostics' latency percentiles are taken
 
 
-class ConfigurationError(ValueError):
+class ConfigurationError(RobomosaicError, ValueError):
     """The parameters do not fit the checkpoint; the message names the key, topic or parameter."""
 
 

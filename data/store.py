@@ -17,16 +17,37 @@ warning. The one torn state of ``episode_ends`` itself is "shape grown, chunk no
 new entry then reads as the fill value 0, which no real episode end can be (episodes have at least one
 step), so `open` recognises and drops it. To keep that true, entries are zeroed before the array is
 ever shrunk, so stale values never reappear past the shape. zarr does not fsync: this protects against
-a killed process, not against losing power. One process appends at a time (nothing locks the store).
+a killed process, not against losing power.
+
+Several writers. Appends (and the crash repair of `open(mode="a")`) hold an inter-process lock,
+`flock` on ``<root>/.lock``: a collector, a record node and a merge may append to one store at once,
+and each append re-reads the episode index under the lock, so none overwrites another's episode. The
+lock file names its holder (pid, host, command) for the error of a writer that waited too long. A
+killed holder releases the lock with its file descriptor. `create` builds the store in a temporary
+sibling directory and renames it into place, so of two processes creating one store, one wins and
+the other sees "already exists". flock is local to one machine: do not share a store over NFS.
+
+Damaged files. Every chunk is written, even one holding only the fill value, so `open` can check
+that every chunk the episodes need exists (zarr would read a deleted chunk as zeros); an unreadable
+chunk or array ``zarr.json`` raises a `StoreError` naming the file. `check_values` refuses non-finite
+or absurdly large values before training.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import math
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +86,11 @@ IMAGE_CHUNK_BYTES = 1 << 17
 LOWDIM_CHUNK_BYTES = 1 << 20
 META_CHUNK = 4096
 DEFAULT_CACHE_BYTES = 256 << 20
+LOCK_FILE = ".lock"
+# An append holds the lock for milliseconds, a merge or a repair for longer: wait rather than fail.
+DEFAULT_LOCK_TIMEOUT = 120.0
+# Every chunk is written (see the module docstring); zarr's arrays take this config when opened.
+WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
 
 
 class StoreError(RobomosaicError, ValueError):
@@ -124,22 +150,18 @@ class EpisodeStore:
         for key in spec.keys:
             if not key or "/" in key or key.startswith("."):
                 raise StoreError(f"{path}: key {key!r} is not a valid array name")
-        root = zarr.open_group(path, mode="w", zarr_format=3)
-        root.attrs.update({"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.to_dict()})
-        data_group = root.create_group("data")
-        for key, ks in spec.keys.items():
-            data_group.create_array(
-                key,
-                shape=(0, *ks.shape),
-                chunks=(time_chunk(ks), *ks.shape),
-                dtype=ks.dtype,
-                compressors=[_compressor(ks.dtype)],
-                fill_value=0,
-            )
-        meta_group = root.create_group("meta")
-        meta_group.create_array("episode_ends", shape=(0,), chunks=(META_CHUNK,), dtype="int64", fill_value=0)
-        for field, dtype in META_FIELDS.items():
-            meta_group.create_array(field, shape=(0,), chunks=(META_CHUNK,), dtype=dtype)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            _write_empty_store(tmp, spec)
+            if overwrite and path.exists():
+                shutil.rmtree(path)
+            os.rename(tmp, path)  # atomic; fails if another process created `path` meanwhile
+        except OSError as e:
+            if path.exists():
+                raise StoreError(f"{path}: already exists (created by another process meanwhile)") from None
+            raise StoreError(f"{path}: cannot create the store: {e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return cls.open(path, mode="a")
 
     @classmethod
@@ -161,21 +183,23 @@ class EpisodeStore:
             raise StoreError(f"{path}: an in-memory store is read only; open it with mode='r'")
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path}: not a zarr store (no zarr.json)")
-        try:
-            root = zarr.open_group(path, mode="r+" if mode == "a" else "r", zarr_format=3)
-        except Exception as e:  # zarr raises several types for a broken hierarchy
-            raise StoreError(f"{path}: cannot open as a zarr group: {e}") from e
-        spec = _read_spec(path, root)
-        data, meta, ends = _validate(path, root, spec, repair=mode == "a")
         if mode == "a":
-            for partial in path.rglob("*.partial"):  # temp files of writes that a kill interrupted
-                partial.unlink(missing_ok=True)
+            with write_lock(path):  # the repair must not truncate another writer's append
+                root, spec, data, meta, ends = _open_and_validate(path, repair=True)
+                for partial in path.rglob("*.partial"):  # temp files of writes that a kill interrupted
+                    partial.unlink(missing_ok=True)
+        else:
+            root, spec, data, meta, ends = _open_and_validate(path, repair=False)
+        n = int(ends[-1]) if len(ends) else 0
+        reader = _ChunkReader(path, 0)
+        for key, arr in data.items():
+            reader.check_chunks_exist(key, arr, ends)
+        store = cls(path, spec, mode, root, data, meta, ends, cache_bytes)
         if in_memory:
-            n = int(ends[-1]) if len(ends) else 0
-            data = {k: a[:n] for k, a in data.items()}
-            meta = {k: a[: len(ends)] for k, a in meta.items()}
-            root = None
-        return cls(path, spec, mode, root, data, meta, ends, cache_bytes)
+            store._data = {k: reader.read_range(k, a, 0, n) for k, a in data.items()}
+            store._meta = {k: _read_whole(path, f"meta/{k}", a, 0, len(ends)) for k, a in meta.items()}
+            store._root = None
+        return store
 
     @classmethod
     def open_or_create(cls, path: str | Path, spec: DatasetSpec) -> EpisodeStore:
@@ -214,7 +238,9 @@ class EpisodeStore:
     def episode(self, i: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """All steps of episode `i` for `keys` (default: every key)."""
         sl = self.episode_slice(i)
-        return {k: np.asarray(self.array(k)[sl]) for k in self._keys(keys)}
+        if self.in_memory:
+            return {k: self._data[k][sl] for k in self._keys(keys)}
+        return {k: self._reader.read_range(k, self._data[k], sl.start, sl.stop) for k in self._keys(keys)}
 
     def episode_meta(self, i: int) -> dict[str, Any]:
         i = self._episode_index(i)
@@ -257,6 +283,49 @@ class EpisodeStore:
         """Append one episode atomically and return its index (see the module docstring)."""
         if self.mode != "a" or self._root is None:
             raise StoreError(f"{self.path}: opened read only; open with mode='a' to append")
+        with write_lock(self.path):
+            # Another process may have appended since this one opened the store: re-read it.
+            self._root, _, self._data, self._meta, self._ends = _open_and_validate(self.path, repair=True)
+            self._reader.clear()
+            return self._append_locked(data, meta)
+
+    def check_values(self, limit: float) -> dict[str, tuple[float, float]]:
+        """Refuse non-finite values and values beyond +-`limit` in any floating key, naming the key,
+        episode, step and dimension; return every floating key's (min, max) over all episodes."""
+        ranges = {}
+        for key, ks in self.spec.keys.items():
+            if np.dtype(ks.dtype).kind != "f":
+                continue
+            lo, hi = np.inf, -np.inf
+            for start in range(0, self.n_steps, 1 << 16):
+                stop = min(self.n_steps, start + (1 << 16))
+                x = self.read_frames(key, np.arange(start, stop)).reshape(stop - start, -1)
+                bad = ~np.isfinite(x)
+                if not bad.any():
+                    bad = np.abs(x) > limit
+                    what = "above the limit {limit:g}"
+                else:
+                    what = "not finite"
+                if bad.any():
+                    step, dim = (int(v[0]) for v in np.nonzero(bad))
+                    raise StoreError(
+                        self._value_error(key, x[step, dim], what.format(limit=limit), start + step, dim)
+                    )
+                if len(x):
+                    lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+            if self.n_steps:
+                ranges[key] = (lo, hi)
+        return ranges
+
+    def _value_error(self, key: str, value: float, what: str, frame: int, dim: int) -> str:
+        episode = int(np.searchsorted(self._ends, frame, side="right"))
+        step = frame - self.episode_slice(episode).start
+        return (
+            f"{self.path}: key {key!r}: value {value:g} {what} in episode {episode} (step {step}, "
+            f"dimension {dim}); fix or drop the episode, or raise the limit (data_limit=...) if it is real"
+        )
+
+    def _append_locked(self, data: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> int:
         episode = self.n_episodes
         arrays = self._check_episode_data(data, episode)
         length = len(next(iter(arrays.values())))
@@ -268,8 +337,14 @@ class EpisodeStore:
         ]
         ends_write = [(self._meta_ends(), episode, np.array([start + length], np.int64))]
         # Three phases in this order; within a phase the arrays are written concurrently.
-        for writes in (data_writes, meta_writes, ends_write):  # ends last: the commit point
-            sync(_grow_and_write_all(writes))
+        try:
+            for writes in (data_writes, meta_writes, ends_write):  # ends last: the commit point
+                sync(_grow_and_write_all(writes))
+        except OSError as e:  # a full disk, a file size limit: the committed episodes stay valid
+            raise StoreError(
+                f"{self.path}: episode {episode} NOT stored: {e.strerror or e} ({e.filename or 'write'}); "
+                f"the store still holds its {episode} earlier episodes"
+            ) from e
         self._ends = np.append(self._ends, np.int64(start + length))
         self._reader.clear()
         return episode
@@ -360,6 +435,91 @@ class EpisodeStore:
         self.__dict__.update(state)
 
 
+@contextmanager
+def write_lock(path: str | Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the inter-process write lock of the store at `path` (see the module docstring).
+
+    Waits up to `timeout` seconds, then raises a StoreError naming the holder.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot open the write lock {LOCK_FILE}: {e.strerror}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+                    raise StoreError(
+                        f"{path}: another writer has held the store's lock for over {timeout:g} s "
+                        f"({holder}); wait for it or stop it"
+                    ) from None
+                time.sleep(0.01)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _holder_text().encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder_text() -> str:
+    try:  # the whole command line, `python -c <script>` included (sys.argv drops the script)
+        command = Path("/proc/self/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        command = " ".join(sys.argv)
+    return f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(command.split())[:300]}"
+
+
+def _write_empty_store(path: Path, spec: DatasetSpec) -> None:
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    root.attrs.update({"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.to_dict()})
+    data_group = root.create_group("data")
+    for key, ks in spec.keys.items():
+        data_group.create_array(
+            key,
+            shape=(0, *ks.shape),
+            chunks=(time_chunk(ks), *ks.shape),
+            dtype=ks.dtype,
+            compressors=[_compressor(ks.dtype)],
+            fill_value=0,
+        )
+    meta_group = root.create_group("meta")
+    meta_group.create_array("episode_ends", shape=(0,), chunks=(META_CHUNK,), dtype="int64", fill_value=0)
+    for field, dtype in META_FIELDS.items():
+        meta_group.create_array(field, shape=(0,), chunks=(META_CHUNK,), dtype=dtype)
+
+
+def _open_and_validate(
+    path: Path, repair: bool
+) -> tuple[zarr.Group, DatasetSpec, dict[str, zarr.Array], dict[str, zarr.Array], np.ndarray]:
+    with zarr.config.set(WRITE_EVERY_CHUNK):  # arrays take the config when they are opened
+        try:
+            root = zarr.open_group(path, mode="r+" if repair else "r", zarr_format=3)
+        except Exception as e:  # zarr raises several types for a broken hierarchy
+            raise StoreError(f"{path}: cannot open as a zarr group: {e}") from e
+        spec = _read_spec(path, root)
+        data, meta, ends = _validate(path, root, spec, repair=repair)
+    return root, spec, data, meta, ends
+
+
+def _read_whole(path: Path, name: str, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """Entries [start, stop) of an array read through zarr, any damage named."""
+    try:
+        return arr[start:stop]
+    except Exception as e:  # Blosc, JSON or codec errors: zarr raises many types
+        raise StoreError(
+            f"{path}: {name} is unreadable ({type(e).__name__}: {e}); the store is damaged"
+        ) from e
+
+
 async def _grow_and_write_all(writes: list[tuple[zarr.Array, int, np.ndarray]]) -> None:
     """For every (arr, at, x): grow `arr` along time to `at + len(x)` (its zarr.json first), then
     write `x` there (its chunks). The arrays are written concurrently with zarr's async API: one by
@@ -369,7 +529,12 @@ async def _grow_and_write_all(writes: list[tuple[zarr.Array, int, np.ndarray]]) 
         await arr.async_array.resize((at + len(x), *arr.shape[1:]))
         await arr.async_array.setitem(slice(at, at + len(x)), x)
 
-    await asyncio.gather(*(grow_and_write(*w) for w in writes))
+    # Let every write finish before raising one's error: a write left pending would keep running
+    # (or be reported as destroyed at exit) after the caller has given up on this append.
+    results = await asyncio.gather(*(grow_and_write(*w) for w in writes), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 class _ChunkReader:
@@ -394,12 +559,13 @@ class _ChunkReader:
         self._size = 0
 
     def read(self, key: str, arr: zarr.Array, frames: np.ndarray) -> np.ndarray:
-        if key not in self._layouts:
-            self._layouts[key] = _ChunkLayout.of(self.root / "data" / key, arr)
-        layout = self._layouts[key]
+        layout = self._layout(key, arr)
         if layout is None:
             unique, inverse = np.unique(frames, return_inverse=True)
-            return arr.get_orthogonal_selection((unique,))[inverse.reshape(frames.shape)]
+            try:
+                return arr.get_orthogonal_selection((unique,))[inverse.reshape(frames.shape)]
+            except Exception as e:  # zarr raises many types for damaged chunks
+                raise StoreError(f"{self.root}: data/{key} is unreadable ({type(e).__name__}: {e})") from e
         flat = frames.reshape(-1)
         size = layout.shape[0]
         out = np.empty((len(flat), *layout.shape[1:]), dtype=layout.dtype)
@@ -413,23 +579,74 @@ class _ChunkReader:
             out[rows] = self._chunk(key, layout, c)[flat[rows] - c * size]
         return out.reshape(*frames.shape, *layout.shape[1:])
 
+    def read_range(self, key: str, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of `key`, chunk by chunk, without caching them (a whole episode or
+        store is read once)."""
+        layout = self._layout(key, arr)
+        if layout is None:
+            return _read_whole(self.root, f"data/{key}", arr, start, stop)
+        size = layout.shape[0]
+        out = np.empty((stop - start, *layout.shape[1:]), dtype=layout.dtype)
+        for c in range(start // size, -(-stop // size)):
+            lo, hi = max(start, c * size), min(stop, (c + 1) * size)
+            cached = self._cache.get((key, c))
+            chunk = cached if cached is not None else self._decode(key, layout, c)
+            out[lo - start : hi - start] = chunk[lo - c * size : hi - c * size]
+        return out
+
+    def check_chunks_exist(self, key: str, arr: zarr.Array, ends: np.ndarray) -> None:
+        """Raise a StoreError naming the first chunk file of `key` that the episodes need and that
+        is missing (zarr would read it as zeros)."""
+        layout = self._layout(key, arr)
+        n_steps = int(ends[-1]) if len(ends) else 0
+        if layout is None or not n_steps:
+            return
+        size = layout.shape[0]
+        for c in range(-(-n_steps // size)):
+            if not os.path.exists(layout.file(c)):
+                raise StoreError(self._damage(key, layout, c, "is missing", ends))
+
+    def _layout(self, key: str, arr: zarr.Array) -> _ChunkLayout | None:
+        if key not in self._layouts:
+            self._layouts[key] = _ChunkLayout.of(self.root / "data" / key, arr)
+        return self._layouts[key]
+
+    def _damage(
+        self, key: str, layout: _ChunkLayout, c: int, what: str, ends: np.ndarray | None = None
+    ) -> str:
+        size = layout.shape[0]
+        steps = f"steps {c * size}..{(c + 1) * size - 1}"
+        if ends is not None and len(ends):
+            first = int(np.searchsorted(ends, c * size, side="right"))
+            last = min(int(np.searchsorted(ends, (c + 1) * size - 1, side="right")), len(ends) - 1)
+            steps += f", episodes {first}..{last}"
+        return (
+            f"{self.root}: data/{key}: chunk {layout.name(c)} {what} ({steps}); the store is damaged: "
+            "restore the file from a copy or drop those episodes"
+        )
+
     def _chunk(self, key: str, layout: _ChunkLayout, c: int) -> np.ndarray:
         cached = self._cache.get((key, c))
         if cached is not None:
             self._cache.move_to_end((key, c))
             return cached
-        try:
-            with open(f"{layout.prefix}{c}{layout.suffix}", "rb") as f:
-                raw = blosc.decompress(f.read())
-            chunk = np.frombuffer(raw, dtype=layout.dtype).reshape(layout.shape)
-        except FileNotFoundError:  # zarr does not write chunks that hold only the fill value
-            chunk = np.full(layout.shape, layout.fill_value, dtype=layout.dtype)
+        chunk = self._decode(key, layout, c)
         if chunk.nbytes <= self.capacity:
             self._cache[(key, c)] = chunk
             self._size += chunk.nbytes
             while self._size > self.capacity:
                 self._size -= self._cache.popitem(last=False)[1].nbytes
         return chunk
+
+    def _decode(self, key: str, layout: _ChunkLayout, c: int) -> np.ndarray:
+        try:
+            with open(layout.file(c), "rb") as f:
+                raw = blosc.decompress(f.read())
+            return np.frombuffer(raw, dtype=layout.dtype).reshape(layout.shape)
+        except FileNotFoundError:
+            raise StoreError(self._damage(key, layout, c, "is missing")) from None
+        except (RuntimeError, ValueError) as e:  # Blosc refuses the bytes, or they decode to the wrong size
+            raise StoreError(self._damage(key, layout, c, f"is unreadable ({e})")) from None
 
 
 @dataclass(frozen=True)
@@ -442,6 +659,13 @@ class _ChunkLayout:
     shape: tuple[int, ...]
     dtype: np.dtype
     fill_value: Any
+
+    def file(self, c: int) -> str:
+        return f"{self.prefix}{c}{self.suffix}"
+
+    def name(self, c: int) -> str:
+        """The chunk's path inside its array's folder, e.g. c/3/0."""
+        return f"c{self.file(c)[len(self.prefix) - 1 :]}"
 
     @classmethod
     def of(cls, directory: Path, arr: zarr.Array) -> _ChunkLayout | None:
@@ -490,6 +714,8 @@ def _member(path: Path, root: zarr.Group, name: str) -> zarr.Array:
         node = root[name]
     except KeyError:
         raise StoreError(f"{path}: missing array {name!r}") from None
+    except Exception as e:  # a garbled zarr.json: JSON, Unicode or metadata errors
+        raise StoreError(f"{path}: {name}/zarr.json is unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(node, zarr.Array):
         raise StoreError(f"{path}: {name!r} is not an array")
     return node
@@ -518,7 +744,15 @@ def _validate(
         raise StoreError(
             f"{path}: 'meta/episode_ends' must be 1-D integers, is {ends_arr.dtype}{ends_arr.shape}"
         )
-    ends = np.asarray(ends_arr[:], dtype=np.int64)
+    per_chunk = ends_arr.chunks[0]
+    for c in range(-(-ends_arr.shape[0] // per_chunk)):
+        torn = c * per_chunk == ends_arr.shape[0] - 1  # only the torn last entry: it reads as 0
+        if not torn and not (path / "meta" / "episode_ends" / "c" / str(c)).is_file():
+            raise StoreError(
+                f"{path}: meta/episode_ends: chunk c/{c} is missing (episodes {c * per_chunk}.."
+                f"{(c + 1) * per_chunk - 1}); the store is damaged: restore the file from a copy"
+            )
+    ends = np.asarray(_read_whole(path, "meta/episode_ends", ends_arr, 0, ends_arr.shape[0]), dtype=np.int64)
     if len(ends) and ends[-1] == 0:
         # Killed between growing episode_ends and writing its new entry (module docstring).
         warnings.warn(

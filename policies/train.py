@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from robomosaic.conf.console import RobomosaicError
+from robomosaic.conf.console import RobomosaicError, console_script
 from robomosaic.data.multitask import TASK_ID, TaskSet
 from robomosaic.data.normalizer import Normalizer
 from robomosaic.data.sampler import SequenceDataset, SequenceSampler, make_dataloader, split_episodes
@@ -102,6 +101,8 @@ def load_dataset(cfg: DictConfig) -> tuple[EpisodeStore, np.ndarray, np.ndarray]
     if not path.exists():
         raise TrainingError(f"dataset {path} does not exist (collect one with robomosaic-collect)")
     store = EpisodeStore.open(path, mode="r", in_memory=bool(cfg.train.in_memory))
+    ranges = store.check_values(float(cfg.data_limit))
+    print(f"{path}: value ranges " + ", ".join(f"{k} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in ranges.items()))
     if store.n_episodes < 2:
         raise TrainingError(f"{path}: {store.n_episodes} episode(s); need at least 2 to train")
     if store.spec.task and store.spec.task != cfg.task.name:
@@ -485,7 +486,8 @@ def rollout_success(policy: DenoisingPolicy, cfg: DictConfig, task_set: TaskSet 
     return float(np.mean(rates))
 
 
-def run(argv: Sequence[str]) -> dict[str, Any]:
+@console_script("robomosaic-train")
+def run(argv: list[str]) -> dict[str, Any]:
     """robomosaic-train's work: compose the config from `argv`, train, return the summary."""
     from robomosaic.conf import compose
 
@@ -493,15 +495,12 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     missing = [k for k in ("dataset", "out") if OmegaConf.is_missing(cfg, k)]
     if missing:
         raise SystemExit(f"robomosaic-train: set {' and '.join(f'{k}=...' for k in missing)}")
-    try:
-        return train(cfg)
-    except TrainingError as e:
-        raise SystemExit(f"robomosaic-train: {e}") from None
+    return train(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script (returns None: a returned value would become the exit status)."""
-    run(sys.argv[1:] if argv is None else argv)
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ Parameters (the policy node's observation scheme, so one YAML file describes the
   recorded action is the action the simulated robot applies (see "Action" below).
 - `reset_service` (""): a std_srvs/Trigger service called at every `~/start` before recording,
   e.g. "/sim/reset" of robomosaic-sim-node; the seed in its JSON answer goes into the episode's
-  metadata (otherwise the seed is -1).
+  metadata (otherwise the seed is -1). A seed the store already holds (the sim was relaunched and
+  started its seeds again) is never recorded twice: the recorder sets the sim's `seed` parameter
+  (on the node that serves `reset_service`) to the first seed after it that the store does not
+  hold, as robomosaic-collect continues, and resets again.
 
 Action (key `action`, 7-d OSC_POSE delta in [-1, 1]: dx, dy, dz, droll, dpitch, dyaw, gripper).
 A Twist is an end-effector velocity: linear m/s and angular rad/s are divided by the full scales and
@@ -66,6 +69,7 @@ from typing import Any
 
 import numpy as np
 
+from robomosaic.data.collect import free_seeds
 from robomosaic.data.spec import DatasetSpec, KeySpec
 from robomosaic.ros_nodes.common import require_rclpy
 from robomosaic.ros_nodes.sim_node import MAX_DELTA_POS, MAX_DELTA_ROT, twist_to_action
@@ -139,6 +143,15 @@ def observation_keys(params: Mapping[str, Any]) -> dict[str, RecordedKey]:
     return keys
 
 
+def reseed(store: Any, seed: int) -> int | None:
+    """None if the sim's `seed` is new to `store` (or unknown, -1); otherwise the first seed after it
+    that the store does not hold, where the sim's seeds must restart (as robomosaic-collect does)."""
+    if seed < 0:
+        return None
+    taken = {int(s) for s in store.meta_array("seed")}
+    return next(free_seeds(seed, taken)) if seed in taken else None
+
+
 def key_spec(key: str, recorded: RecordedKey, value: np.ndarray, frame_id: str) -> KeySpec:
     """How the store describes `key`, given its first value and the message's header frame_id."""
     if key in PROPRIO_KEYS:
@@ -209,6 +222,8 @@ def _make_node_class():  # rclpy is imported only when a node is built
     from geometry_msgs.msg import Twist
     from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
     from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from rclpy.parameter_client import AsyncParameterClient
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from std_msgs.msg import Float64, Float64MultiArray, String
     from std_srvs.srv import SetBool, Trigger
@@ -284,6 +299,8 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 if p["reset_service"]
                 else None
             )
+            self.sim_name = p["reset_service"].rsplit("/", 1)[0] or "/"
+            self.seed_client = AsyncParameterClient(self, self.sim_name) if p["reset_service"] else None
             latched = QoSProfile(
                 depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
             )
@@ -456,10 +473,40 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 seed = int(json.loads(answer.message)["seed"])
             except (ValueError, KeyError, TypeError):
                 seed = -1
+            restart = reseed(self.store, seed)
+            if restart is not None:
+                self._restart_sim_seeds(seed, restart)
+                return
             self.gripper, self.command = 0.0, None  # the sim clears its commands at a reset
             self.episode = Episode(seed=seed, started=self.now())
             self.get_logger().info(f"recording episode {self.store.n_episodes} (seed {seed})")
             self._publish_status()
+
+        def _restart_sim_seeds(self, taken: int, restart: int) -> None:
+            """Set the sim's seed sequence to start at `restart` (`taken` is in the store), then reset."""
+            self.get_logger().warning(
+                f"the sim's seed {taken} is already in {self.p['store']} (was the sim relaunched?); "
+                f"setting {self.sim_name} seed:={restart} and resetting again"
+            )
+            self.pending_reset = True
+
+            def on_set(future) -> None:
+                if not self.pending_reset:  # ~/discard cancelled the start
+                    return
+                try:
+                    ok = all(result.successful for result in future.result().results)
+                except Exception:  # the parameter service is gone
+                    ok = False
+                if not ok:
+                    self.pending_reset = False
+                    self.get_logger().error(
+                        f"cannot set {self.sim_name} seed:={restart}; not recording, so that seed {taken} "
+                        "is not stored twice"
+                    )
+                    return
+                self.reset_client.call_async(Trigger.Request()).add_done_callback(self._on_reset_done)
+
+            self.seed_client.set_parameters([Parameter("seed", value=restart)], callback=on_set)
 
         def _open_store(self, values: Mapping[str, np.ndarray], frames: Mapping[str, str]) -> None:
             keys = {k: key_spec(k, self.keys[k], values[k], frames[k]) for k in self.keys}

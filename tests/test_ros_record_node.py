@@ -118,6 +118,19 @@ class Teleop:
             self.operator_count += 1
             self.operator_pub.publish(Float64MultiArray(data=[float(self.operator_count)]))
 
+    def set_sim_seed(self, seed: int) -> None:
+        """Restart the sim's seed sequence, as a relaunched sim node does (its `seed` parameter)."""
+        from rclpy.parameter import Parameter
+        from rclpy.parameter_client import AsyncParameterClient
+
+        client = AsyncParameterClient(self.node, "/sim")
+        assert client.wait_for_services(timeout_sec=20.0), "/sim parameter services not available"
+        future = client.set_parameters([Parameter("seed", value=seed)])
+        end = time.monotonic() + 20.0
+        while not future.done() and time.monotonic() < end:
+            time.sleep(0.01)
+        assert future.done() and all(r.successful for r in future.result().results)
+
     def gripper(self, value: float) -> None:
         self.gripper_pub.publish(Float64(data=value))
 
@@ -298,6 +311,8 @@ def test_records_teleop_episodes_and_survives_sigkill(graph) -> None:
 
     # A new recorder appends to the same store after the crash, driven from robomosaic-teleop's
     # keyboard (in a pseudo terminal): 1 starts, w held moves +x, space closes, 2 stops (success).
+    # The sim's seeds start again at 1 as after a relaunch: the recorder must not store seed 1 twice.
+    teleop.set_sim_seed(1)  # its next reset uses seed 1, as the first reset after a start with seed:=0
     teleop.status = {}
     teleop.velocity = None
     processes.append(record_node(params, store_path))
@@ -331,7 +346,8 @@ def test_records_teleop_episodes_and_survives_sigkill(graph) -> None:
     store = EpisodeStore.open(store_path)
     assert store.n_episodes == 3
     meta, ep = store.episode_meta(2), store.episode(2)
-    assert meta["success"] and meta["seed"] == 5, meta
+    # seeds 1 and 2 are stored (3 was discarded, 4 killed): the recorder restarted the sim at 3
+    assert meta["success"] and meta["seed"] == 3, meta
     action = ep["action"]
     moving = action[:, 0] > 0
     print(f"keyboard episode: {len(action)} steps, {moving.sum()} moving +x")

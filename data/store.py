@@ -206,7 +206,11 @@ class EpisodeStore:
         """Open `path` for appending if it exists (its schema must equal `spec`), else create it."""
         path = Path(path)
         if not path.exists():
-            return cls.create(path, spec)
+            try:
+                return cls.create(path, spec)
+            except StoreError:
+                if not path.exists():
+                    raise  # otherwise another process created it meanwhile: append to that one
         store = cls.open(path, mode="a")
         _check_same_schema(path, store.spec, spec)
         return store

@@ -26,10 +26,9 @@ with two 84x84 cameras against 45 without, per worker).
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count, islice
@@ -40,8 +39,9 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from robomosaic.conf.console import console_script
 from robomosaic.data.spec import DatasetSpec, KeySpec
-from robomosaic.data.store import EpisodeStore, StoreError
+from robomosaic.data.store import EpisodeStore
 
 Episode = tuple[dict[str, np.ndarray], dict[str, Any]]
 
@@ -202,17 +202,17 @@ def collect(cfg: DictConfig, progress: bool = True) -> CollectSummary:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@console_script("robomosaic-collect")
+def main(argv: list[str]) -> None:
     from robomosaic.conf import compose
-    from robomosaic.data.devices import DeviceError
 
-    cfg = compose("collect", sys.argv[1:] if argv is None else argv)
+    cfg = compose("collect", argv)
     if int(cfg.episodes) < 1:
         raise SystemExit(f"robomosaic-collect: episodes={cfg.episodes}: must be at least 1")
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     try:
         summary = collect(cfg)
-    except (StoreError, DeviceError, KeyError) as e:
+    except KeyError as e:  # an unknown task=
         raise SystemExit(f"robomosaic-collect: {e}") from None
     print(summary.text())
     if summary.interrupted:

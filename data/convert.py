@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from robomosaic.conf.console import RobomosaicError
+from robomosaic.conf.console import RobomosaicError, console_script
 from robomosaic.data.spec import DatasetSpec, KeySpec
 
 FORMATS = ("auto", "robosuite", "robomimic")
@@ -312,11 +311,11 @@ def convert(
     return ConvertSummary(path, str(out), fmt, len(names), n_steps)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@console_script("robomosaic-convert")
+def main(argv: list[str]) -> None:
     from robomosaic.conf import compose
-    from robomosaic.data.store import StoreError
 
-    cfg = compose("convert", sys.argv[1:] if argv is None else argv)
+    cfg = compose("convert", argv)
     try:
         summary = convert(
             cfg.input,
@@ -327,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             image_size=int(cfg.image_size),
             overwrite=bool(cfg.overwrite),
         )
-    except (ConvertError, FileNotFoundError, StoreError, KeyError) as e:  # KeyError: unknown task=
+    except KeyError as e:  # an unknown task=
         raise SystemExit(f"robomosaic-convert: {e}") from None
     print(
         f"converted {summary.episodes} episodes ({summary.steps} steps) of {summary.input} "

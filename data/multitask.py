@@ -13,7 +13,6 @@ task, and replaying an episode is a job for the single-task store it came from.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from robomosaic.conf.console import RobomosaicError
+from robomosaic.conf.console import RobomosaicError, console_script
 from robomosaic.data.spec import DatasetSpec, KeySpec
-from robomosaic.data.store import EpisodeStore, StoreError
+from robomosaic.data.store import EpisodeStore
 
 TASK_ID = "task_id"
 PADDED_KEY = "object"
@@ -142,14 +141,12 @@ def merge_stores(inputs: Sequence[str | Path], out: str | Path, progress: bool =
     return merged
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@console_script("robomosaic-merge")
+def main(argv: list[str]) -> None:
     from robomosaic.conf import compose
 
-    cfg = compose("merge", sys.argv[1:] if argv is None else argv)
-    try:
-        merged = merge_stores(list(cfg.inputs), cfg.out, progress=cfg.progress)
-    except (MergeError, StoreError) as e:
-        raise SystemExit(f"robomosaic-merge: {e}") from None
+    cfg = compose("merge", argv)
+    merged = merge_stores(list(cfg.inputs), cfg.out, progress=cfg.progress)
     task_set = TaskSet.from_dict(merged.spec.extra["task_set"])
     print(
         f"merged {merged.n_episodes} episodes ({merged.n_steps} steps) of tasks {list(task_set.tasks)} "

@@ -22,13 +22,12 @@ on) and one after the last action.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from robomosaic.conf.console import console_script
 from robomosaic.data.store import EpisodeStore, StoreError
 
 MODES = ("actions", "states")
@@ -123,11 +122,12 @@ def replay_episode(
         task.close()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@console_script("robomosaic-replay")
+def main(argv: list[str]) -> None:
     from robomosaic.conf import compose
     from robomosaic.sim.video import write_mp4
 
-    cfg = compose("replay", sys.argv[1:] if argv is None else argv)
+    cfg = compose("replay", argv)
     if cfg.mode not in MODES:
         raise SystemExit(f"robomosaic-replay: mode={cfg.mode!r}: expected one of {MODES}")
     try:
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = replay_episode(
             store, int(cfg.episode), cfg.mode, camera=cfg.camera if cfg.video else None, size=int(cfg.size)
         )
-    except (StoreError, IndexError, KeyError) as e:  # KeyError: the store's task is not registered
+    except (IndexError, KeyError) as e:  # KeyError: the store's task is not registered
         raise SystemExit(f"robomosaic-replay: {e}") from None
     print(result.summary())
     if cfg.video:

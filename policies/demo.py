@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from robomosaic.conf.console import console_script
 from robomosaic.data.store import EpisodeStore, StoreError
 
 STORE, RUN, REPORT, VIDEOS = "lift.zarr", "policy", "eval.json", "videos"
@@ -83,13 +83,13 @@ def train_overrides(cfg: DictConfig, store: Path, run: Path) -> list[str]:
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@console_script("robomosaic-demo")
+def main(argv: list[str]) -> None:
     from robomosaic.conf import compose
     from robomosaic.data.collect import collect
     from robomosaic.policies.evaluate import evaluate, summary_table
     from robomosaic.policies.train import train
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = demo_config(argv)
     started = time.time()
     out_dir = Path(cfg.out_dir)

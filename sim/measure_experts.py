@@ -13,7 +13,6 @@ import datetime
 import importlib.util
 import platform
 import shlex
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from robomosaic.conf.console import console_script
 from robomosaic.sim.vector import EpisodeResult, ExpertPolicy, run_episodes
 
 
@@ -117,11 +117,11 @@ def markdown(rows: list[ExpertMeasurement], missing: list[str], command: str) ->
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@console_script("robomosaic-experts")
+def main(argv: list[str]) -> None:
     from robomosaic.conf import compose
     from robomosaic.sim.tasks import TASKS
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = compose("experts", argv)
     tasks = [str(t) for t in cfg.tasks]
     unknown = [t for t in tasks if t not in TASKS]

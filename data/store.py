@@ -135,7 +135,7 @@ class EpisodeStore:
         self._data = data
         self._meta = meta
         self._ends = episode_ends
-        self._reader = _ChunkReader(path, cache_bytes)
+        self._reader = _ChunkReader(path, cache_bytes, episode_ends)
 
     # ------------------------------------------------------------------ creation / opening
 
@@ -191,9 +191,9 @@ class EpisodeStore:
         else:
             root, spec, data, meta, ends = _open_and_validate(path, repair=False)
         n = int(ends[-1]) if len(ends) else 0
-        reader = _ChunkReader(path, 0)
+        reader = _ChunkReader(path, 0, ends)
         for key, arr in data.items():
-            reader.check_chunks_exist(key, arr, ends)
+            reader.check_chunks_exist(key, arr)
         store = cls(path, spec, mode, root, data, meta, ends, cache_bytes)
         if in_memory:
             store._data = {k: reader.read_range(k, a, 0, n) for k, a in data.items()}
@@ -290,7 +290,7 @@ class EpisodeStore:
         with write_lock(self.path):
             # Another process may have appended since this one opened the store: re-read it.
             self._root, _, self._data, self._meta, self._ends = _open_and_validate(self.path, repair=True)
-            self._reader.clear()
+            self._reader.clear(self._ends)
             return self._append_locked(data, meta)
 
     def check_values(self, limit: float) -> dict[str, tuple[float, float]]:
@@ -298,36 +298,27 @@ class EpisodeStore:
         episode, step and dimension; return every floating key's (min, max) over all episodes."""
         ranges = {}
         for key, ks in self.spec.keys.items():
-            if np.dtype(ks.dtype).kind != "f":
+            if np.dtype(ks.dtype).kind != "f" or not self.n_steps:
                 continue
             lo, hi = np.inf, -np.inf
             for start in range(0, self.n_steps, 1 << 16):
-                stop = min(self.n_steps, start + (1 << 16))
-                x = self.read_frames(key, np.arange(start, stop)).reshape(stop - start, -1)
-                bad = ~np.isfinite(x)
-                if not bad.any():
-                    bad = np.abs(x) > limit
-                    what = "above the limit {limit:g}"
-                else:
-                    what = "not finite"
-                if bad.any():
-                    step, dim = (int(v[0]) for v in np.nonzero(bad))
-                    raise StoreError(
-                        self._value_error(key, x[step, dim], what.format(limit=limit), start + step, dim)
-                    )
-                if len(x):
-                    lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
-            if self.n_steps:
-                ranges[key] = (lo, hi)
+                x = self.read_frames(key, np.arange(start, min(self.n_steps, start + (1 << 16))))
+                x = x.reshape(len(x), -1)
+                for bad, what, hint in (
+                    (~np.isfinite(x), "not finite", "fix or drop the episode"),
+                    (np.abs(x) > limit, f"above the limit {limit:g}", "raise data_limit=... if it is real"),
+                ):
+                    if bad.any():
+                        step, dim = (int(v[0]) for v in np.nonzero(bad))
+                        frame = start + step
+                        episode = int(np.searchsorted(self._ends, frame, side="right"))
+                        raise StoreError(
+                            f"{self.path}: key {key!r}: value {x[step, dim]:g} {what} in episode {episode} "
+                            f"(step {frame - self.episode_slice(episode).start}, dimension {dim}); {hint}"
+                        )
+                lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+            ranges[key] = (lo, hi)
         return ranges
-
-    def _value_error(self, key: str, value: float, what: str, frame: int, dim: int) -> str:
-        episode = int(np.searchsorted(self._ends, frame, side="right"))
-        step = frame - self.episode_slice(episode).start
-        return (
-            f"{self.path}: key {key!r}: value {value:g} {what} in episode {episode} (step {step}, "
-            f"dimension {dim}); fix or drop the episode, or raise the limit (data_limit=...) if it is real"
-        )
 
     def _append_locked(self, data: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> int:
         episode = self.n_episodes
@@ -350,7 +341,7 @@ class EpisodeStore:
                 f"the store still holds its {episode} earlier episodes"
             ) from e
         self._ends = np.append(self._ends, np.int64(start + length))
-        self._reader.clear()
+        self._reader.clear(self._ends)
         return episode
 
     def _check_episode_data(self, data: Mapping[str, np.ndarray], episode: int) -> dict[str, np.ndarray]:
@@ -551,14 +542,16 @@ class _ChunkReader:
     `bytes` + `blosc`, default chunk keys); anything else goes through zarr.
     """
 
-    def __init__(self, root: Path, capacity: int) -> None:
+    def __init__(self, root: Path, capacity: int, ends: np.ndarray) -> None:
         self.root = root
         self.capacity = capacity
+        self.ends = ends  # the store's episode ends, to name the episodes a damaged chunk holds
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._size = 0
         self._layouts: dict[str, _ChunkLayout | None] = {}
 
-    def clear(self) -> None:
+    def clear(self, ends: np.ndarray) -> None:
+        self.ends = ends
         self._cache.clear()
         self._size = 0
 
@@ -598,34 +591,31 @@ class _ChunkReader:
             out[lo - start : hi - start] = chunk[lo - c * size : hi - c * size]
         return out
 
-    def check_chunks_exist(self, key: str, arr: zarr.Array, ends: np.ndarray) -> None:
+    def check_chunks_exist(self, key: str, arr: zarr.Array) -> None:
         """Raise a StoreError naming the first chunk file of `key` that the episodes need and that
         is missing (zarr would read it as zeros)."""
         layout = self._layout(key, arr)
-        n_steps = int(ends[-1]) if len(ends) else 0
+        n_steps = int(self.ends[-1]) if len(self.ends) else 0
         if layout is None or not n_steps:
             return
-        size = layout.shape[0]
-        for c in range(-(-n_steps // size)):
+        for c in range(-(-n_steps // layout.shape[0])):
             if not os.path.exists(layout.file(c)):
-                raise StoreError(self._damage(key, layout, c, "is missing", ends))
+                raise StoreError(self._damage(key, layout, c, "is missing"))
 
     def _layout(self, key: str, arr: zarr.Array) -> _ChunkLayout | None:
         if key not in self._layouts:
             self._layouts[key] = _ChunkLayout.of(self.root / "data" / key, arr)
         return self._layouts[key]
 
-    def _damage(
-        self, key: str, layout: _ChunkLayout, c: int, what: str, ends: np.ndarray | None = None
-    ) -> str:
-        size = layout.shape[0]
-        steps = f"steps {c * size}..{(c + 1) * size - 1}"
-        if ends is not None and len(ends):
+    def _damage(self, key: str, layout: _ChunkLayout, c: int, what: str) -> str:
+        size, ends = layout.shape[0], self.ends
+        last_step = min((c + 1) * size, int(ends[-1]) if len(ends) else 0) - 1
+        where = f"steps {c * size}..{last_step}"
+        if last_step >= c * size:
             first = int(np.searchsorted(ends, c * size, side="right"))
-            last = min(int(np.searchsorted(ends, (c + 1) * size - 1, side="right")), len(ends) - 1)
-            steps += f", episodes {first}..{last}"
+            where += f", episodes {first}..{int(np.searchsorted(ends, last_step, side='right'))}"
         return (
-            f"{self.root}: data/{key}: chunk {layout.name(c)} {what} ({steps}); the store is damaged: "
+            f"{self.root}: data/{key}: chunk {layout.name(c)} {what} ({where}); the store is damaged: "
             "restore the file from a copy or drop those episodes"
         )
 

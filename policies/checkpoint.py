@@ -5,9 +5,12 @@
     <dir>/spec.json                format version, policy class, observation/action spec,
                                    provenance, and the sha256 of every other file
 
-Loading checks the format version, that every listed file exists and hashes to what spec.json says
-(a tampered or truncated file is rejected by name), and leaves it to the policy class to check that
-every tensor it expects is present with the right shape (`check_state_dict`).
+Loading checks the format version, that every listed file stays inside the folder (no absolute
+path, `..` or symlink out), exists and hashes to what spec.json says (a tampered or truncated file
+is rejected by name), that every safetensors file parses (safetensors never unpickles) and every
+floating tensor is finite, and leaves it to the policy class to check that every tensor it expects
+is present with the right shape (`check_state_dict`) and that spec.json describes the policy that
+config.yaml and the weights build (`check_spec_fields`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from robomosaic.conf.console import RobomosaicError
+from robomosaic.conf.console import RobomosaicError, one_line
 from robomosaic.data.spec import KeySpec
 
 FORMAT = "robomosaic-checkpoint"
@@ -142,8 +146,10 @@ def read_checkpoint(path: str | Path, load_parts: bool = True) -> Checkpoint:
         raise CheckpointError(f"{path}: not a robomosaic checkpoint (no spec.json)")
     try:
         spec = json.loads(spec_file.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{spec_file}: not valid json: {e}") from None
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{spec_file}: expected a json object")
     if spec.get("format") != FORMAT:
         raise CheckpointError(f"{spec_file}: format is {spec.get('format')!r}, expected {FORMAT!r}")
     if spec.get("format_version") != FORMAT_VERSION:
@@ -154,6 +160,8 @@ def read_checkpoint(path: str | Path, load_parts: bool = True) -> Checkpoint:
     files = spec.get("files")
     if not isinstance(files, dict) or "config.yaml" not in files:
         raise CheckpointError(f"{spec_file}: the 'files' table is missing or lacks config.yaml")
+    for name in files:
+        _inside(path, name)  # before any file is opened: an entry may name /dev/zero
     for name, digest in files.items():
         file = path / name
         if not file.is_file():
@@ -162,15 +170,69 @@ def read_checkpoint(path: str | Path, load_parts: bool = True) -> Checkpoint:
             raise CheckpointError(
                 f"{file}: contents do not match its sha256 in spec.json (modified or corrupt)"
             )
-    config = yaml.safe_load((path / "config.yaml").read_text())
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.yaml'}: not valid yaml: {one_line(e)}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / 'config.yaml'}: expected a mapping")
     parts = {
-        name.removesuffix(".safetensors"): load_file(str(path / name))
+        name.removesuffix(".safetensors"): load_tensors(path / name)
         for name in files
         if name.endswith(".safetensors") and load_parts
     }
     return Checkpoint(path=path, config=config, spec=spec, parts=parts)
+
+
+def _inside(path: Path, name: str) -> Path:
+    """The file `name` of spec.json's files table, refused if it leaves the folder `path`."""
+    file = path / name
+    leaves = Path(name).is_absolute() or ".." in Path(name).parts
+    if leaves or not file.resolve().is_relative_to(path.resolve()):
+        raise CheckpointError(
+            f"{path / 'spec.json'}: file entry {name!r} leaves the checkpoint folder "
+            "(absolute path, '..' or a symlink pointing outside)"
+        )
+    return file
+
+
+def load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (never unpickles); every floating tensor must be finite."""
+    try:
+        tensors = load_file(str(file))
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a valid safetensors file ({one_line(e)})") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{file}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}"
+            )
+    return tensors
+
+
+_MISSING = object()
+
+
+def check_spec_fields(
+    path: Path, spec: Mapping[str, Any], model: Mapping[str | tuple[str, ...], Any]
+) -> None:
+    """Raise a CheckpointError naming the first field of spec.json whose value is not the model's.
+
+    `model` maps a field (`"horizon"`, or a path such as `("obs", key, "shape")`) to the value the
+    policy built from config.yaml and its weights has; values compare as json (tuples equal lists).
+    """
+    for field, value in model.items():
+        keys = (field,) if isinstance(field, str) else field
+        found: Any = spec
+        for key in keys:
+            found = found.get(key, _MISSING) if isinstance(found, Mapping) else _MISSING
+        if found is _MISSING or found != json.loads(json.dumps(value)):
+            shown = "missing" if found is _MISSING else json.dumps(found)
+            raise CheckpointError(
+                f"{path / 'spec.json'}: {'.'.join(keys)} is {shown}, but the policy built from "
+                f"config.yaml and the weights has {json.dumps(value)}"
+            )
 
 
 def check_state_dict(

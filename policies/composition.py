@@ -34,6 +34,7 @@ from robomosaic.policies.checkpoint import (
     Checkpoint,
     CheckpointError,
     ChunkInterface,
+    check_spec_fields,
     load_policy,
     save_checkpoint,
 )
@@ -215,5 +216,21 @@ class ComposedPolicy(nn.Module):
             )
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{where}: {e}") from None
+        if sorted(ckpt.spec["obs"]) != sorted(policy.obs_spec):
+            raise CheckpointError(
+                f"{ckpt.path / 'spec.json'}: obs lists {sorted(ckpt.spec['obs'])}, but the parents "
+                f"observe {sorted(policy.obs_spec)}"
+            )
+        fields: dict[str | tuple[str, ...], Any] = {
+            **{("obs", k, "shape"): list(v.shape) for k, v in policy.obs_spec.items()},
+            ("action", "shape"): list(policy.action_spec.shape),
+            "horizon": policy.horizon,
+            "n_obs_steps": policy.n_obs_steps,
+            "n_action_steps": policy.n_action_steps,
+        }
+        if "control_hz" in ckpt.spec:
+            lead = (ckpt.path / cfg["parents"][0]["path"]).resolve() / "spec.json"
+            fields["control_hz"] = json.loads(lead.read_text()).get("control_hz")
+        check_spec_fields(ckpt.path, ckpt.spec, fields)
         policy.config = dict(cfg)
         return policy.eval()

@@ -26,12 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robomosaic.data.normalizer import Normalizer
+from robomosaic.data.multitask import PADDED_KEY
+from robomosaic.data.normalizer import MODES, Normalizer
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.checkpoint import (
     Checkpoint,
     CheckpointError,
     ChunkInterface,
+    check_spec_fields,
     check_state_dict,
     save_checkpoint,
 )
@@ -43,6 +45,8 @@ from robomosaic.policies.noise import make_process
 # What each process feeds the network as its noise input, and the scale that spreads it over the
 # range the sinusoidal embedding resolves well (DDPM timesteps are already 0..T-1).
 NOISE_SCALE = {"ddpm": 1.0, "flow": 100.0, "edm": 100.0}
+# The statistics each normalizer mode reads (`data.normalizer._affine`); other modes read none.
+MODE_STATS = {"minmax": ("min", "max"), "meanstd": ("mean", "std")}
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "horizon": 16,
@@ -233,6 +237,10 @@ class DenoisingPolicy(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint) -> DenoisingPolicy:
+        """The policy of a checkpoint whose spec.json describes what config.yaml and the weights build:
+        obs and action shapes are checked against the normalizer statistics (and, through the
+        encoder and network they build, the weights), horizon, n_obs_steps, n_action_steps and the
+        task set against the config. Provenance, task, control_hz and dataset fields are records."""
         spec = ckpt.spec
         interface = ChunkInterface.from_spec(ckpt.path, spec)
         obs_spec, action_spec = interface.obs_spec, interface.action_spec
@@ -242,6 +250,7 @@ class DenoisingPolicy(nn.Module):
         for name, tensor in ckpt.parts.get("normalizer", {}).items():
             key, _, stat = name.rpartition("/")
             stats.setdefault(key, {})[stat] = tensor.numpy()
+        check_normalizer(ckpt.path, {**obs_spec, "action": action_spec}, modes, stats)
         try:
             policy = cls(ckpt.config, obs_spec, action_spec, Normalizer(modes, stats))
         except (KeyError, ValueError, TypeError) as e:
@@ -250,6 +259,55 @@ class DenoisingPolicy(nn.Module):
         if weights is None:
             raise CheckpointError(f"{ckpt.path}: no model.safetensors")
         check_state_dict(str(ckpt.path / "model.safetensors"), policy.state_dict(), weights)
+        fields: dict[str | tuple[str, ...], Any] = {
+            "horizon": policy.horizon,
+            "n_obs_steps": policy.n_obs_steps,
+            "n_action_steps": policy.n_action_steps,
+        }
+        if "task_set" in spec:  # a multitask policy: one task-id embedding per task, padded object
+            tasks = spec["task_set"].get("tasks", []) if isinstance(spec["task_set"], dict) else []
+            embeds = policy.encoder.task.num_tasks if policy.encoder.task else None
+            if embeds != len(tasks):
+                raise CheckpointError(
+                    f"{ckpt.path / 'spec.json'}: task_set.tasks lists {len(tasks)} task(s), but the "
+                    f"policy built from config.yaml and the weights embeds {embeds} task ids"
+                )
+            fields["task_set", "object_dim"] = (
+                obs_spec[PADDED_KEY].shape[-1] if PADDED_KEY in obs_spec else None
+            )
+        check_spec_fields(ckpt.path, spec, fields)
         policy.load_state_dict(weights)
         policy.eval()
         return policy
+
+
+def check_normalizer(
+    path: Path,
+    keys: Mapping[str, KeySpec],
+    modes: Mapping[str, Any],
+    stats: Mapping[str, Mapping[str, np.ndarray]],
+) -> None:
+    """spec.json's normalizer_modes gives every obs key and the action a known mode, and
+    normalizer.safetensors holds the statistics of each mode, of the key's shape in spec.json."""
+    spec_file, file = path / "spec.json", path / "normalizer.safetensors"
+    for key, key_spec in keys.items():
+        mode = modes.get(key)
+        if mode not in MODES:
+            raise CheckpointError(
+                f"{spec_file}: normalizer_modes.{key} is {mode!r}, expected one of {list(MODES)}"
+            )
+        for stat in MODE_STATS.get(mode, ()):
+            if stat not in stats.get(key, {}):
+                raise CheckpointError(
+                    f"{file}: no tensor '{key}/{stat}' (normalizer_modes.{key} is {mode!r})"
+                )
+        for stat, value in stats.get(key, {}).items():
+            if tuple(value.shape) != tuple(key_spec.shape):
+                field = "action" if key == "action" else f"obs.{key}"
+                raise CheckpointError(
+                    f"{spec_file}: {field}.shape is {list(key_spec.shape)}, but {file} holds "
+                    f"'{key}/{stat}' of shape {list(value.shape)}"
+                )
+    unknown = sorted(set(stats) - set(modes))
+    if unknown:
+        raise CheckpointError(f"{file}: statistics of {unknown[0]!r}, which normalizer_modes does not list")

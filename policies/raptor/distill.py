@@ -58,7 +58,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robomosaic.conf import check_known_keys
-from robomosaic.policies.checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
+from robomosaic.policies.checkpoint import (
+    CheckpointError,
+    check_spec_fields,
+    check_state_dict,
+    read_checkpoint,
+    save_checkpoint,
+)
 from robomosaic.policies.raptor.student import ACTION_DIM, OBS_DIM, RaptorStudent
 from robomosaic.policies.raptor.trim import TrimConfig, trim
 from robomosaic.sim.quadrotor import dynamics
@@ -120,6 +126,7 @@ class MlpStudent(nn.Module):
             )
         mlp = cls(**ckpt.config)
         check_state_dict(str(ckpt.path / "model.safetensors"), mlp.state_dict(), ckpt.parts["model"])
+        check_spec_fields(ckpt.path, ckpt.spec, {"obs_dim": OBS_DIM, "action_dim": ACTION_DIM})
         mlp.load_state_dict(ckpt.parts["model"])
         mlp.checkpoint_path = str(ckpt.path)
         return mlp.eval()

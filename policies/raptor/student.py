@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from robomosaic.policies.checkpoint import (
     Checkpoint,
     CheckpointError,
+    check_spec_fields,
     check_state_dict,
     read_checkpoint,
     save_checkpoint,
@@ -115,16 +116,21 @@ class RaptorStudent(nn.Module):
         return actions.squeeze(1), hidden
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write a checkpoint folder (config.yaml, model.safetensors, spec.json; policies/checkpoint.py)."""
-        spec = {
-            "obs_dim": OBS_DIM,
+    def spec_dict(self) -> dict[str, Any]:
+        """What spec.json says about the interface (checked against the student at load)."""
+        return {
+            "obs_dim": self.input.in_features,
             "obs_layout": {k: list(v) for k, v in OBS_LAYOUT.items()},
-            "action_dim": ACTION_DIM,
+            "action_dim": self.output.out_features,
             "motor_order": list(MOTOR_ORDER),
             "frame": FRAME,
         }
-        return save_checkpoint(path, self.policy_class, self.config, {"model": self.state_dict()}, spec)
+
+    def save(self, path: str | Path) -> Path:
+        """Write a checkpoint folder (config.yaml, model.safetensors, spec.json; policies/checkpoint.py)."""
+        return save_checkpoint(
+            path, self.policy_class, self.config, {"model": self.state_dict()}, self.spec_dict()
+        )
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint) -> RaptorStudent:
@@ -138,6 +144,7 @@ class RaptorStudent(nn.Module):
         if weights is None:
             raise CheckpointError(f"{ckpt.path}: no model.safetensors")
         check_state_dict(str(ckpt.path / "model.safetensors"), student.state_dict(), weights)
+        check_spec_fields(ckpt.path, ckpt.spec, student.spec_dict())
         student.load_state_dict(weights)
         student.checkpoint_path = str(ckpt.path)
         return student.eval()

@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from robomosaic.conf.console import console_script
 from robomosaic.data.sampler import SequenceSampler
 from robomosaic.data.store import EpisodeStore
-from robomosaic.policies.checkpoint import CheckpointError, load_policy
+from robomosaic.policies.checkpoint import load_policy
 from robomosaic.policies.composition import ComposedPolicy
-from robomosaic.policies.evaluate import EvaluationError, evaluate
+from robomosaic.policies.evaluate import evaluate
 from robomosaic.policies.inference import CompositionError, shared_schedule
 from robomosaic.sim.measure_experts import machine
 
@@ -185,15 +185,12 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@console_script("robomosaic-compose")
+def main(argv: list[str]) -> None:
     from robomosaic.conf import compose
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = compose("compose", argv)
-    try:
-        run(cfg, shlex.join(["robomosaic-compose", *argv]))
-    except (CheckpointError, CompositionError, EvaluationError) as e:
-        raise SystemExit(f"robomosaic-compose: {e}") from None
+    run(cfg, shlex.join(["robomosaic-compose", *argv]))
 
 
 def run(cfg: Any, command: str) -> dict[str, Any]:

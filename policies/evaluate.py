@@ -22,7 +22,6 @@ import datetime
 import functools
 import json
 import shlex
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robomosaic.conf.console import RobomosaicError
+from robomosaic.conf.console import RobomosaicError, console_script
 from robomosaic.data.multitask import TaskSet
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.checkpoint import CheckpointError, load_policy
@@ -199,6 +198,9 @@ def evaluate(
             results += run_episodes(task, seeds[video_episodes:], runner, progress=progress, **common)
     finally:
         torch.set_num_threads(threads)
+    check_some_chunk_finite(
+        results, runner, f"{checkpoint['path'] if checkpoint else 'the policy'} on {task}"
+    )
     videos = [
         str(write_mp4(Path(video_dir) / f"{task}_seed{r.seed}.mp4", r.frames, fps=spec.control_hz))
         for r in results[:video_episodes]
@@ -227,6 +229,18 @@ def evaluate(
     }
 
 
+def check_some_chunk_finite(results: Sequence[EpisodeResult], runner: ExecutorPolicy, what: str) -> None:
+    """A policy that never produced a finite chunk was never evaluated (the executor held safely in
+    every step): an EvaluationError, not a success rate of 0."""
+    stats = [runner.episode_stats[r.seed].executor for r in results]
+    if sum(s.chunks for s in stats) == 0:
+        raise EvaluationError(
+            f"{what}: no finite action chunk in {len(results)} episode(s): "
+            f"{sum(s.rejected_chunks for s in stats)} chunk(s) held NaN or inf and were refused, "
+            "the executor held in every step"
+        )
+
+
 def summarize(results: Sequence[EpisodeResult], runner: ExecutorPolicy) -> dict[str, Any]:
     """Success rate with its Wilson interval, lengths, behaviours, executor statistics."""
     n = len(results)
@@ -248,6 +262,7 @@ def summarize(results: Sequence[EpisodeResult], runner: ExecutorPolicy) -> dict[
         "failed_seeds": [r.seed for r in results if not r.success],
         "executor": {
             "held": dict(sorted(held.items())),
+            "rejected_chunks": sum(s.executor.rejected_chunks for s in stats),
             "dropped_actions": sum(s.executor.dropped_actions for s in stats),
             "deadline_misses": sum(s.executor.deadline_misses for s in stats),
             "chunks": sum(s.executor.chunks for s in stats),
@@ -322,11 +337,11 @@ def checkpoint_task_set(checkpoint: Path) -> TaskSet | None:
     return TaskSet.from_dict(spec_json["task_set"]) if spec_json.get("task_set") else None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@console_script("robomosaic-eval")
+def main(argv: list[str]) -> None:
     """robomosaic-eval; a multitask checkpoint without task= is evaluated on each of its tasks."""
     from robomosaic.conf import compose
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = compose("eval", argv)
     checkpoint = Path(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else Path("docs/results") / f"eval_{default_name(checkpoint)}.json"
@@ -336,29 +351,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     task_set = checkpoint_task_set(checkpoint) if task in (None, "multitask") else None
     tasks = list(task_set.tasks) if task_set else [task]
     results = {}
-    try:
-        for name in tasks:
-            results[name] = evaluate(
-                checkpoint,
-                task=name,
-                episodes=cfg.episodes,
-                seed_offset=cfg.seed_offset,
-                workers=cfg.workers,
-                blend=cfg.blend,
-                n_action_steps=cfg.n_action_steps,
-                inference_delay=cfg.inference_delay,
-                video_episodes=cfg.videos,
-                video_dir=video_dir,
-                video_size=cfg.video_size,
-                max_steps=max_steps,
-                seed=cfg.seed,
-                allow_training_seeds=cfg.allow_training_seeds,
-                torch_threads=cfg.torch_threads,
-                progress=cfg.progress,
-            )
-            print(summary_table(results[name]))
-    except (CheckpointError, EvaluationError) as e:
-        raise SystemExit(f"robomosaic-eval: {e}") from None
+    for name in tasks:
+        results[name] = evaluate(
+            checkpoint,
+            task=name,
+            episodes=cfg.episodes,
+            seed_offset=cfg.seed_offset,
+            workers=cfg.workers,
+            blend=cfg.blend,
+            n_action_steps=cfg.n_action_steps,
+            inference_delay=cfg.inference_delay,
+            video_episodes=cfg.videos,
+            video_dir=video_dir,
+            video_size=cfg.video_size,
+            max_steps=max_steps,
+            seed=cfg.seed,
+            allow_training_seeds=cfg.allow_training_seeds,
+            torch_threads=cfg.torch_threads,
+            progress=cfg.progress,
+        )
+        print(summary_table(results[name]))
     command = shlex.join(["robomosaic-eval", *argv])
     if task_set:
         mean = float(np.mean([r["success_rate"] for r in results.values()]))

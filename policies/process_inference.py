@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import signal
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -113,9 +114,27 @@ class ProcessInference:
         """The sampling noise stream of the next requests (one per episode)."""
         self.stream = (int(seed), int(episode))
 
+    @property
+    def pid(self) -> int:
+        return int(self._process.pid)
+
+    def death(self) -> str | None:
+        """None while the child runs; otherwise what ended it (a cheap non-blocking check)."""
+        if self._process.is_alive():
+            return None
+        code = self._process.exitcode
+        how = (
+            f"killed by {signal.Signals(-code).name}"
+            if code is not None and code < 0
+            else f"exit code {code}"
+        )
+        return f"the inference process (pid {self.pid}) died ({how})"
+
     def submit(self, history: Obs, committed: np.ndarray | None, now: float) -> None:
         if self.busy:
             raise RuntimeError("inference is already running; wait for its result before submitting")
+        if death := self.death():
+            raise RuntimeError(death)
         self._requests += 1
         self._conn.send((self._requests, history, committed, self.stream))
         self._pending = (now, time.monotonic())
@@ -126,9 +145,9 @@ class ProcessInference:
             if number == self._requests:
                 break
         else:  # nothing pending, or no answer yet
-            if self._pending is not None and not self._process.is_alive():
+            if self._pending is not None and (death := self.death()):
                 self._pending = None
-                raise RuntimeError(f"the inference process died (exit code {self._process.exitcode})")
+                raise RuntimeError(death)
             return None
         requested, started = self._pending
         self._pending = None

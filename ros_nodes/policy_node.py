@@ -30,6 +30,8 @@ Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
   simulated (the chunk is computed inside the control tick and released `inference_delay` seconds
   of node time later, as robomosaic-eval does: with a commanded simulator on `use_sim_time`,
   results do not depend on how loaded the machine is)
+- `inference_restarts` (3): how often a dead inference process is restarted per configuration
+  (see Faults); beyond that, or with 0, the node goes through the lifecycle error state
 - `realtime_priority` (0: normal scheduling; 2-99, with `inference: process`): the node's threads
   (the control thread and the middleware's, which deliver the observations) run under SCHED_FIFO
   at this priority, as ros2_control's controller manager runs its update loop, and the inference
@@ -56,6 +58,14 @@ their last command (Twist: all zeros). A stale hold also drops the plan: control
 chunk. A message stamped more than `max_obs_age` in the future is rejected (it could never go
 stale: the robot's clocks are not synchronised). Commands are clamped to the limits and
 rate-limited by `max_delta`; the safe command is never rate-limited.
+
+A dead inference process (killed, out of memory, crashed) is seen at the next control tick: the
+node holds (the safe command every period), and `/diagnostics` says ERROR naming the process, its
+pid and its signal or exit code at once, not at the next 1 Hz report. A new process is then started
+on a background thread while the node keeps holding; once it answers, control resumes from a fresh
+history and the diagnostics return to OK. After `inference_restarts` restarts (or when a restart
+fails) the node goes through the lifecycle error state (ErrorProcessing, then unconfigured, with the
+reason kept in the diagnostics): configure and activate it again to resume.
 """
 
 from __future__ import annotations
@@ -113,6 +123,7 @@ PARAMETERS: dict[str, Any] = {
     "blend": "none",
     "inference": "process",
     "inference_delay": 0.0,
+    "inference_restarts": 3,
     "realtime_priority": 0,
     "deadline": None,
     "max_obs_age": 0.2,
@@ -261,6 +272,10 @@ class PolicyNode(LifecycleNode):
         self.enabled = False
         self.episode = 0
         self.last_error = ""
+        self._start_runner: Any = None  # makes a new inference process (inference "process")
+        self._restart: _Restart | None = None  # a new inference process being started
+        self._restarts = 0
+        self._failing = ""  # why the node is going to the lifecycle error state
         self._tick_times: list[float] = []
         self._counts = {"bad_messages": 0, "inference_errors": 0}
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -395,8 +410,11 @@ class PolicyNode(LifecycleNode):
                 f"parameter realtime_priority: {priority} needs inference 'process' (got {inference!r}) "
                 "and a value in 2-99 (0: normal scheduling)"
             )
+        self._start_runner, self._restarts, self._failing = None, 0, ""
         if inference == "process":
-            runner = ProcessInference(path, str(self._param("device")), threads, max(priority - 1, 0))
+            device = str(self._param("device"))
+            self._start_runner = lambda: ProcessInference(path, device, threads, max(priority - 1, 0))
+            runner = self._start_runner()
             if priority:  # configure runs in a callback: this thread spins the executor and runs the
                 # control timer; the middleware's threads deliver the observations: all real-time
                 warning = set_realtime_priority(priority, "the node's threads", threads="process")
@@ -511,7 +529,8 @@ class PolicyNode(LifecycleNode):
 
     def on_deactivate(self, state: Any) -> TransitionCallbackReturn:
         self._stop("deactivated")
-        return TransitionCallbackReturn.SUCCESS
+        # ERROR sends the state machine through ErrorProcessing (on_error)
+        return TransitionCallbackReturn.ERROR if self._failing else TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state: Any) -> TransitionCallbackReturn:
         self._stop("cleaned up")
@@ -527,6 +546,11 @@ class PolicyNode(LifecycleNode):
         if executor is not None and hasattr(executor.runner, "shutdown"):
             executor.runner.shutdown()
         self.chunk_executor = None
+        restart, self._restart = self._restart, None
+        if restart is not None:  # a process being started must not outlive the configuration
+            restart.thread.join()
+            if restart.runner is not None:
+                restart.runner.shutdown()
 
     def on_shutdown(self, state: Any) -> TransitionCallbackReturn:
         self._stop("shut down")
@@ -534,7 +558,9 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: Any) -> TransitionCallbackReturn:
-        # error processing ends in "unconfigured": leave nothing of the configuration behind
+        # error processing ends in "unconfigured": leave nothing of the configuration behind (the
+        # reason stays in last_error, so the diagnostics keep saying ERROR until a new configure)
+        self.get_logger().error(f"error processing: {self._failing or self.last_error}")
         return self.on_cleanup(state)
 
     def _stop(self, why: str) -> None:
@@ -693,6 +719,10 @@ class PolicyNode(LifecycleNode):
             now = self._now()
             self._tick_times.append(time.monotonic())
             del self._tick_times[: -10 * int(self.control_hz) - 1]
+            if self._inference_down():
+                if self.enabled:
+                    self._send_safe_command()
+                return
             try:
                 self._observe()
                 if not self.enabled:
@@ -709,6 +739,53 @@ class PolicyNode(LifecycleNode):
                 return
             command, _ = self.safety(action, hold=status != "ok")
             self._publish(command, plan=status == "ok", now=now)
+
+    def _inference_down(self) -> bool:
+        """Whether the inference process is dead or being restarted (module docstring, Faults)."""
+        if self._failing:
+            return True
+        restart = self._restart
+        if restart is not None:
+            if restart.thread.is_alive():
+                return True
+            self._restart = None
+            if restart.runner is None:
+                self._fail(f"{self.last_error}; the restart failed: {restart.error}")
+                return True
+            self.chunk_executor.runner = restart.runner
+            self._new_episode()
+            self.last_error = ""
+            self.get_logger().info(
+                f"inference process restarted (pid {restart.runner.pid}); control resumes from a "
+                "fresh history"
+            )
+            self._publish_diagnostics()
+            return False
+        death = getattr(self.chunk_executor.runner, "death", lambda: None)()
+        if death is None:
+            return False
+        limit = int(self._param("inference_restarts"))
+        if self._restarts >= limit:
+            self._fail(f"{death}; restart limit inference_restarts={limit} reached")
+        else:
+            self._restarts += 1
+            self.last_error = f"{death}; holding while it restarts ({self._restarts} of {limit})"
+            self.get_logger().error(self.last_error)
+            self._restart = _Restart(self._start_runner)
+        self._publish_diagnostics()  # now, not at the next 1 Hz report
+        return True
+
+    def _fail(self, why: str) -> None:
+        """Hold, report, and go through the lifecycle error state (from a timer of its own: the
+        transition destroys the control timer, which must not happen inside its callback)."""
+        self._failing = self.last_error = f"{why}: going to the lifecycle error state"
+        self.get_logger().error(self.last_error)
+
+        def transition() -> None:
+            self.destroy_timer(timer)
+            self.trigger_deactivate()
+
+        timer = self.create_timer(0.0, transition, MutuallyExclusiveCallbackGroup())
 
     def _send_safe_command(self) -> None:
         command, _ = self.safety(np.zeros(self.action_dim), hold=True)
@@ -739,6 +816,7 @@ class PolicyNode(LifecycleNode):
                 "lifecycle_state": self._state_label(),
                 "enabled": str(self.enabled),
                 "episode": str(self.episode),
+                "inference_restarts": str(self._restarts),
             }
             level, message = DiagnosticStatus.OK, "controlling" if self.active and self.enabled else "idle"
             if self.interface is not None:
@@ -759,6 +837,7 @@ class PolicyNode(LifecycleNode):
                         "control_steps": str(stats.steps),
                         "control_period_p99_ms": _percentile_ms(periods, 99),
                         "task": str(self.task or ""),
+                        "inference_pid": str(getattr(self.chunk_executor.runner, "pid", "")),
                         **{f"holds_{reason}": str(n) for reason, n in sorted(stats.held.items())},
                         **{f"safety_{k}": str(v) for k, v in sorted(self.safety.stats.by_status.items())},
                         **{k: str(v) for k, v in self._counts.items()},
@@ -782,6 +861,23 @@ class PolicyNode(LifecycleNode):
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self._diagnostics.publish(array)
+
+
+class _Restart:
+    """A new inference process started on a thread of its own (loading takes seconds, and the
+    control tick must keep sending the safe command meanwhile)."""
+
+    def __init__(self, start: Any) -> None:
+        self.runner: Any = None
+        self.error = ""
+        self.thread = threading.Thread(target=self._run, args=(start,), name="inference-restart", daemon=True)
+        self.thread.start()
+
+    def _run(self, start: Any) -> None:
+        try:
+            self.runner = start()
+        except Exception as e:  # reported by the control tick, which then fails the node
+            self.error = f"{type(e).__name__}: {e}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -168,6 +168,7 @@ class Robot:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import PoseStamped
+        from lifecycle_msgs.msg import TransitionEvent
         from lifecycle_msgs.srv import ChangeState, GetState
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.parameter_client import AsyncParameterClient
@@ -204,6 +205,8 @@ class Robot:
             for name in ("enable", "disable", "reset_history")
         }
         self.params = AsyncParameterClient(node, NODE)
+        self.transitions: list[tuple[float, str]] = []  # (receipt time, goal state) of the node's
+        node.create_subscription(TransitionEvent, f"/{NODE}/transition_event", self._on_transition, 10)
         self.obs = observation_means()
         self.object_value: np.ndarray = self.obs["object"]
         self.publishing = False
@@ -247,8 +250,19 @@ class Robot:
             if NODE in status.name:
                 with self.lock:
                     self.diagnostics.append(
-                        {"message": status.message, **{kv.key: kv.value for kv in status.values}}
+                        {
+                            "received": time.time(),
+                            "level": int.from_bytes(status.level, "little")
+                            if isinstance(status.level, bytes)
+                            else int(status.level),
+                            "message": status.message,
+                            **{kv.key: kv.value for kv in status.values},
+                        }
                     )
+
+    def _on_transition(self, msg) -> None:
+        with self.lock:
+            self.transitions.append((time.time(), msg.goal_state.label))
 
     # -- operator --
     def call(self, client, request, timeout: float = 60.0):
@@ -468,6 +482,83 @@ def test_services_and_deactivate_send_the_safe_command(robot: Robot) -> None:
     assert not robot.commands_since(stopped + 0.1)
     assert not robot.trigger("enable").success  # inactive
     assert robot.state() == "inactive"
+
+
+ERROR = 2  # diagnostic_msgs/DiagnosticStatus.ERROR
+
+
+def kill_inference_process(robot: Robot) -> tuple[int, float]:
+    """SIGKILL the node's inference process (its pid from the diagnostics); (pid, kill time)."""
+    import os
+
+    wait_until(lambda: moving_commands(robot, time.time() - 0.3) > 0, 60.0, "control with a live policy")
+    pid = int(robot.latest_diagnostics(time.time())["inference_pid"])
+    os.kill(pid, signal.SIGKILL)
+    return pid, time.time()
+
+
+def first_error(robot: Robot, since: float, pid: int, timeout: float = 5.0) -> dict:
+    """The first ERROR diagnostics after `since`, which must name the dead process."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with robot.lock:
+            errors = [d for d in robot.diagnostics if d["received"] >= since and d["level"] == ERROR]
+        if errors:
+            assert f"pid {pid}" in errors[0]["message"] and "SIGKILL" in errors[0]["message"], errors[0]
+            return errors[0]
+        time.sleep(0.005)
+    raise AssertionError(f"no ERROR diagnostics within {timeout} s of killing the inference process")
+
+
+def test_dead_inference_process_is_reported_and_restarted(robot: Robot) -> None:
+    """ERROR naming the process within 2 control periods, holds meanwhile, then a new process."""
+    robot.publishing = True
+    assert robot.transition("activate")
+    pid, killed = kill_inference_process(robot)
+    error = first_error(robot, killed, pid)
+    reaction = error["received"] - killed
+    print(
+        f"\ninference process killed: ERROR after {1000 * reaction:.0f} ms ({reaction / PERIOD:.1f} periods)"
+    )
+    assert reaction <= 2 * PERIOD, f"{1000 * reaction:.0f} ms"
+    assert "restarts (1 of 3)" in error["message"], error
+    # the new process: control resumes with a different pid, diagnostics are no longer ERROR
+    wait_until(
+        lambda: moving_commands(robot, max(time.time() - 0.3, error["received"])) > 0,
+        90.0,
+        "control after the restart",
+    )
+    restarted = time.time()
+    print(f"control resumed {restarted - killed:.1f} s after the kill")
+    resumed = robot.latest_diagnostics(time.time())
+    assert resumed["level"] != ERROR and int(resumed["inference_pid"]) != pid, resumed
+    assert resumed["inference_restarts"] == "1"
+    held = [c for r, c in robot.commands_since(killed + PERIOD) if r < restarted - 1.0]
+    assert held and all(is_hold(c) for c in held), "the node must hold while the process is down"
+
+
+def test_dead_inference_process_beyond_the_restart_limit_goes_to_the_error_state(robot: Robot) -> None:
+    robot.set_params(inference_restarts=1)  # one restart was used above
+    pid, killed = kill_inference_process(robot)
+    error = first_error(robot, killed, pid)
+    reaction = error["received"] - killed
+    print(
+        f"\nbeyond the restart limit: ERROR after {1000 * reaction:.0f} ms ({reaction / PERIOD:.1f} periods)"
+    )
+    assert reaction <= 2 * PERIOD, f"{1000 * reaction:.0f} ms"
+    assert "restart limit inference_restarts=1 reached" in error["message"], error
+    wait_until(lambda: robot.state() == "unconfigured", 10.0, "the node to end in unconfigured")
+    with robot.lock:
+        goals = [label for r, label in robot.transitions if r >= killed]
+    assert "errorprocessing" in goals and goals[-1] == "unconfigured", goals
+    after = robot.commands_since(killed + PERIOD)
+    assert after and all(is_hold(c) for _, c in after), "only the safe command after the death"
+    time.sleep(0.5)
+    assert not robot.commands_since(time.time() - 0.3), "no commands once unconfigured"
+    still = robot.latest_diagnostics(time.time())
+    assert still["level"] == ERROR and f"pid {pid}" in still["message"], still
+    robot.set_params(inference_restarts=3)
+    assert robot.transition("configure"), node_log(robot)  # back in service for the next test
 
 
 def test_trajectory_commands_and_sigint(robot: Robot) -> None:

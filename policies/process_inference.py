@@ -118,6 +118,11 @@ class ProcessInference:
     def pid(self) -> int:
         return int(self._process.pid)
 
+    @property
+    def sentinel(self) -> int:
+        """A descriptor that becomes ready the moment the child ends (`multiprocessing.connection.wait`)."""
+        return int(self._process.sentinel)
+
     def death(self) -> str | None:
         """None while the child runs; otherwise what ended it (a cheap non-blocking check)."""
         if self._process.is_alive():

@@ -45,7 +45,9 @@ Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
 - `seed` (sampling noise: episode k samples from a stream seeded by (seed, k)), `autostart`
 
 Outputs: the command topic (reliable) every control period while active and enabled, and
-`/diagnostics` diagnostic_msgs/DiagnosticArray at 1 Hz. Sensor subscriptions are best effort, depth 1.
+`/diagnostics` diagnostic_msgs/DiagnosticArray at 1 Hz: OK, WARN when the node held, missed a deadline or
+rejected an observation since the last report, ERROR naming a fault (see Faults) or a failed
+configure. Sensor subscriptions are best effort, depth 1.
 Services (std_srvs/Trigger): `~/enable`, `~/disable` (sends the safe command once and stops
 publishing commands, so that another source may drive the robot), `~/reset_history` (a new episode:
 forget the observation history and plans, next sampling stream).
@@ -59,9 +61,10 @@ chunk. A message stamped more than `max_obs_age` in the future is rejected (it c
 stale: the robot's clocks are not synchronised). Commands are clamped to the limits and
 rate-limited by `max_delta`; the safe command is never rate-limited.
 
-A dead inference process (killed, out of memory, crashed) is seen at the next control tick: the
-node holds (the safe command every period), and `/diagnostics` says ERROR naming the process, its
-pid and its signal or exit code at once, not at the next 1 Hz report. A new process is then started
+A dead inference process (killed, out of memory, crashed) is seen as it dies (a thread waits on
+its sentinel; the control tick checks it too): the node holds (the safe command at once and every
+period), and `/diagnostics` says ERROR naming the process, its pid and its signal or exit code at
+once, not at the next 1 Hz report. A new process is then started
 on a background thread while the node keeps holding; once it answers, control resumes from a fresh
 history and the diagnostics return to OK. After `inference_restarts` restarts (or when a restart
 fails) the node goes through the lifecycle error state (ErrorProcessing, then unconfigured, with the
@@ -76,6 +79,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_ready
 from typing import Any
 
 import numpy as np
@@ -278,6 +282,7 @@ class PolicyNode(LifecycleNode):
         self._failing = ""  # why the node is going to the lifecycle error state
         self._tick_times: list[float] = []
         self._counts = {"bad_messages": 0, "inference_errors": 0}
+        self._faults_reported = 0  # holds, deadline misses and rejected observations at the last report
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self._publish_diagnostics, MutuallyExclusiveCallbackGroup())
         services = MutuallyExclusiveCallbackGroup()
@@ -415,6 +420,7 @@ class PolicyNode(LifecycleNode):
             device = str(self._param("device"))
             self._start_runner = lambda: ProcessInference(path, device, threads, max(priority - 1, 0))
             runner = self._start_runner()
+            self._watch(runner)
             if priority:  # configure runs in a callback: this thread spins the executor and runs the
                 # control timer; the middleware's threads deliver the observations: all real-time
                 warning = set_realtime_priority(priority, "the node's threads", threads="process")
@@ -583,6 +589,7 @@ class PolicyNode(LifecycleNode):
 
         self.chunk_executor.reset()
         self.safety.reset()
+        self._faults_reported = 0  # the executor's counts start again
         self.episode += 1
         self._generator = episode_generator(self.seed, self.episode)
         if hasattr(self.chunk_executor.runner, "set_stream"):  # ProcessInference: the same stream
@@ -753,6 +760,7 @@ class PolicyNode(LifecycleNode):
                 self._fail(f"{self.last_error}; the restart failed: {restart.error}")
                 return True
             self.chunk_executor.runner = restart.runner
+            self._watch(restart.runner)
             self._new_episode()
             self.last_error = ""
             self.get_logger().info(
@@ -774,6 +782,19 @@ class PolicyNode(LifecycleNode):
             self._restart = _Restart(self._start_runner)
         self._publish_diagnostics()  # now, not at the next 1 Hz report
         return True
+
+    def _watch(self, runner: Any) -> None:
+        """Report the death of the runner's process as it happens (ERROR and the safe command at
+        once), not only at the next control tick: a thread waits on the process's sentinel."""
+
+        def watch() -> None:
+            wait_ready([runner.sentinel])
+            with self._lock:  # an intended shutdown stops control first: nothing to report then
+                current = self.active and getattr(self.chunk_executor, "runner", None) is runner
+                if current and self._inference_down() and self.enabled:
+                    self._send_safe_command()
+
+        threading.Thread(target=watch, name="inference-watch", daemon=True).start()
 
     def _fail(self, why: str) -> None:
         """Hold, report, and go through the lifecycle error state (from a timer of its own: the
@@ -843,11 +864,10 @@ class PolicyNode(LifecycleNode):
                         **{k: str(v) for k, v in self._counts.items()},
                     }
                 )
-                if (
-                    self.active
-                    and self.enabled
-                    and (stats.deadline_misses or stats.held or stats.rejected_obs)
-                ):
+                # WARN while it happens (since the last report), not for the rest of the episode
+                faults = stats.deadline_misses + sum(stats.held.values()) + stats.rejected_obs
+                recent, self._faults_reported = faults - self._faults_reported, faults
+                if self.active and self.enabled and recent > 0:
                     level, message = DiagnosticStatus.WARN, "holding or rejecting observations (see values)"
             if self.last_error:
                 level, message = DiagnosticStatus.ERROR, self.last_error

@@ -563,6 +563,13 @@ class PolicyNode(LifecycleNode):
         self._release_runner()
         return TransitionCallbackReturn.SUCCESS
 
+    def destroy_node(self) -> None:
+        """A node destroyed without the shutdown transition still ends control and its inference
+        process (otherwise the process outlives the node and its death is reported as a fault)."""
+        self._stop("destroyed")
+        self._release_runner()
+        super().destroy_node()
+
     def on_error(self, state: Any) -> TransitionCallbackReturn:
         # error processing ends in "unconfigured": leave nothing of the configuration behind (the
         # reason stays in last_error, so the diagnostics keep saying ERROR until a new configure)
@@ -789,6 +796,8 @@ class PolicyNode(LifecycleNode):
 
         def watch() -> None:
             wait_ready([runner.sentinel])
+            if not self.context.ok():  # the process ends with the interpreter: nothing to report
+                return
             with self._lock:  # an intended shutdown stops control first: nothing to report then
                 current = self.active and getattr(self.chunk_executor, "runner", None) is runner
                 if current and self._inference_down() and self.enabled:

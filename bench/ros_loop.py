@@ -59,7 +59,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from robomosaic.policies.raptor import PRETRAINED_STUDENT
 from robomosaic.policies.realtime import freeze_startup_objects, set_realtime_priority
-from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos
+from robomosaic.ros_nodes.common import BackgroundSpin, command_qos, seconds_to_stamp, sensor_qos
 from robomosaic.ros_nodes.messages import odometry_msg
 from robomosaic.ros_nodes.processes import node_output, start_node, stop_node
 from robomosaic.ros_nodes.quadrotor_node import (
@@ -137,8 +137,7 @@ class Bench:
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spinner = BackgroundSpin(self.executor)
         self.priority = 0
 
     @contextlib.contextmanager
@@ -191,8 +190,7 @@ class Bench:
             return list(self.published), list(self.received)
 
     def close(self) -> None:
-        self.executor.shutdown()
-        self.thread.join(timeout=5)
+        self.spinner.close()
         self.node.destroy_node()
 
 

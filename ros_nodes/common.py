@@ -6,6 +6,7 @@ it); rclpy is imported inside the functions that need it.
     SENSOR_QOS / sensor_qos()    best effort, keep last 1, volatile: the newest sensor sample only
     COMMAND_QOS / command_qos()  reliable, keep last 10: commands are never silently dropped
     spin_node(node)              spin until SIGINT/SIGTERM, then send the node's safe command
+    BackgroundSpin(executor)     spin in a thread of its own until close()
 """
 
 from __future__ import annotations
@@ -116,6 +117,37 @@ def spin_node(node: Any) -> None:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             faulthandler.cancel_dump_traceback_later()
+
+
+class BackgroundSpin:
+    """Spin `executor` in a daemon thread until `close()`, which ends the thread, then shuts the
+    executor down.
+
+    Not `Thread(target=executor.spin)` followed by `executor.shutdown()`: shutdown destroys the
+    executor's guard condition while the spinning thread may still be inside rcl's wait on it, and a
+    thread left there at interpreter exit aborted robomosaic-ros-eval ("terminate called without an
+    active exception", exit -6) after its report was written.
+    """
+
+    def __init__(self, executor: Any, name: str = "ros-spin") -> None:
+        self.executor = executor
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._spin, name=name, daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            while not self._stop.is_set() and self.executor.context.ok():
+                self.executor.spin_once(timeout_sec=0.05)
+        except ExternalShutdownException:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5.0)
+        self.executor.shutdown()
 
 
 def _stop_safely(node: Any) -> None:

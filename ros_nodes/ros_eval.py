@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robomosaic.ros_nodes.common import require_rclpy
+from robomosaic.ros_nodes.common import BackgroundSpin, require_rclpy
 from robomosaic.sim.measure_experts import machine, wilson_interval
 
 PARAMETERS: dict[str, Any] = {
@@ -218,8 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # futures: the nodes' reason for a single-threaded executor (ros_nodes/common.py) holds here too
     executor = SingleThreadedExecutor()
     executor.add_node(driver)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinner = BackgroundSpin(executor)
     try:
         if params["episodes"] < 1:
             raise RosEvalError(f"parameter episodes={params['episodes']} must be >= 1")
@@ -237,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except RosEvalError as e:
         raise SystemExit(f"robomosaic-ros-eval: {e}") from None
     finally:
-        executor.shutdown()
+        spinner.close()
         driver.destroy_node()
         rclpy.try_shutdown()
     text = json.dumps(result, indent=2) + "\n"

@@ -24,7 +24,7 @@ from robomosaic.data.multitask import TaskSet
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.raptor import PRETRAINED_STUDENT
 from robomosaic.ros_nodes import messages
-from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos
+from robomosaic.ros_nodes.common import BackgroundSpin, command_qos, seconds_to_stamp, sensor_qos
 from robomosaic.ros_nodes.safety import SafetyFilter
 
 # This file's own DDS domain, passed explicitly (to the node's environment and to every rclpy context):
@@ -214,11 +214,10 @@ class Robot:
         node.create_timer(PERIOD, self._publish)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spinner = BackgroundSpin(self.executor)
 
     def close(self) -> None:
-        self.executor.shutdown()
+        self.spinner.close()
         self.node.destroy_node()
         self.context.try_shutdown()
 
@@ -669,8 +668,7 @@ def test_multitask_task_from_a_string_topic(tmp_path: Path) -> None:
     executor = MultiThreadedExecutor(num_threads=3, context=context)
     executor.add_node(node)
     executor.add_node(probe)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
+    spinner = BackgroundSpin(executor)
     try:
         from rclpy.lifecycle import TransitionCallbackReturn
 
@@ -695,7 +693,7 @@ def test_multitask_task_from_a_string_topic(tmp_path: Path) -> None:
         wait_until(lambda: node._counts["bad_messages"] > bad, 5.0, "the unknown task to be rejected")
         assert node.task == "pick_one"
     finally:
-        executor.shutdown()
+        spinner.close()
         node.destroy_node()
         probe.destroy_node()
         context.try_shutdown()

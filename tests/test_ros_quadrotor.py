@@ -35,7 +35,7 @@ from std_msgs.msg import Float32MultiArray  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
 
 from robomosaic.policies.raptor import PRETRAINED_STUDENT  # noqa: E402
-from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos  # noqa: E402
+from robomosaic.ros_nodes.common import BackgroundSpin, command_qos, seconds_to_stamp, sensor_qos  # noqa: E402
 from robomosaic.ros_nodes.messages import odometry_msg  # noqa: E402
 from robomosaic.ros_nodes.quadrotor_node import (  # noqa: E402
     OURS_FROM_PX4,
@@ -213,8 +213,7 @@ class Probe:
         self.odom_pub = self.node.create_publisher(Odometry, "/odom", sensor_qos())
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spinner = BackgroundSpin(self.executor)
 
     def _on_odom(self, msg: Odometry) -> None:
         p = msg.pose.pose.position
@@ -250,8 +249,7 @@ class Probe:
             return [c for c in self.commands if c[0] > t]
 
     def close(self) -> None:
-        self.executor.shutdown()
-        self.thread.join(timeout=5)
+        self.spinner.close()
         self.node.destroy_node()
 
 

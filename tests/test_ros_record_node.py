@@ -16,7 +16,6 @@ import os
 import pty
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 
 from robomosaic.ros_nodes import processes as ros_processes
+from robomosaic.ros_nodes.common import BackgroundSpin
 
 rclpy = pytest.importorskip("rclpy")
 
@@ -94,8 +94,7 @@ class Teleop:
         self.node.create_timer(1.0 / OPERATOR_HZ, self._publish_operator)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spinner = BackgroundSpin(self.executor)
 
     def _on_status(self, msg: String) -> None:
         self.status = json.loads(msg.data)
@@ -162,7 +161,7 @@ class Teleop:
         )
 
     def close(self) -> None:
-        self.executor.shutdown()
+        self.spinner.close()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
 

@@ -33,6 +33,7 @@ from std_srvs.srv import Trigger  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from robomosaic.ros_nodes import messages  # noqa: E402
+from robomosaic.ros_nodes.common import BackgroundSpin  # noqa: E402
 from robomosaic.ros_nodes.sim_node import ACTION_NAMES  # noqa: E402
 
 DOMAIN_ID = 12  # this file's DDS domain (docs: one per test file, so parallel tests never cross-talk)
@@ -83,8 +84,7 @@ class Probe:
         self.parameters = AsyncParameterClient(self.node, sim)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spinner = BackgroundSpin(self.executor)
 
     def _recorder(self, topic: str) -> Callable[[object], None]:
         def record(msg: object) -> None:
@@ -148,7 +148,7 @@ class Probe:
             time.sleep(0.05)
 
     def close(self) -> None:
-        self.executor.shutdown()
+        self.spinner.close()
         self.node.destroy_node()
         rclpy.shutdown(context=self.context)
 

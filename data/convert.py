@@ -1,9 +1,12 @@
-"""robomosaic-convert: robosuite and robomimic hdf5 demonstrations into a zarr episode store.
+"""robomosaic-convert: robosuite and robomimic hdf5 demonstrations, and rosbag2 recordings, into a
+zarr episode store.
 
     robomosaic-convert input=demo.hdf5 out=demos/lift.zarr [format=auto|robosuite|robomimic]
                        [task=lift] [cameras=[agentview]] [image_size=84] [overwrite=false]
+    robomosaic-convert input=<bag folder | .mcap | folder of bags> out=<store> mapping=<yaml>
 
-Two formats are read:
+rosbag2 recordings (MCAP or sqlite3 storage) are read by `robomosaic.data.rosbag` with a mapping
+file (its docstring). Two hdf5 formats are read:
 
 - robosuite's raw `demo.hdf5`, as `gather_demonstrations_as_hdf5` in robosuite's
   `scripts/collect_human_demonstrations.py` writes it from `DataCollectionWrapper` recordings:
@@ -35,7 +38,7 @@ from tqdm import tqdm
 from robomosaic.conf.console import RobomosaicError, console_script
 from robomosaic.data.spec import DatasetSpec, KeySpec
 
-FORMATS = ("auto", "robosuite", "robomimic")
+FORMATS = ("auto", "robosuite", "robomimic", "rosbag2")
 DEFAULT_CONTROL_HZ = 20.0  # robosuite's and robomimic's default control frequency
 
 Episode = tuple[dict[str, np.ndarray], dict[str, Any]]
@@ -311,11 +314,41 @@ def convert(
     return ConvertSummary(path, str(out), fmt, len(names), n_steps)
 
 
+def is_bag(path: str | Path) -> bool:
+    """A rosbag2 folder, an .mcap file, or a folder of them (not an hdf5 file)."""
+    p = Path(path)
+    return p.suffix == ".mcap" or (p.is_dir() and (
+        (p / "metadata.yaml").is_file() or any(q.suffix == ".mcap" or (q / "metadata.yaml").is_file()
+                                               for q in p.iterdir())
+    ))  # fmt: skip
+
+
+def _convert_bags(cfg: Any) -> None:
+    from robomosaic.data.rosbag import BagError, convert_bags
+
+    if not cfg.mapping:
+        raise BagError(f"input={cfg.input} is a rosbag2 recording: give mapping=<yaml> (data/rosbag.py)")
+    summary = convert_bags(cfg.input, cfg.out, cfg.mapping, overwrite=bool(cfg.overwrite))
+    if summary.skipped_topics:
+        print(f"topics not in the mapping, skipped: {', '.join(summary.skipped_topics)}")
+    if summary.skipped_ticks:
+        print(
+            "ticks that were not steps: " + ", ".join(f"{n} ({r})" for r, n in summary.skipped_ticks.items())
+        )
+    print(
+        f"converted {summary.episodes} episodes ({summary.steps} steps) of {summary.bags} bag(s) "
+        f"in {cfg.input} into {cfg.out}"
+    )
+
+
 @console_script("robomosaic-convert")
 def main(argv: list[str]) -> None:
     from robomosaic.conf import compose
 
     cfg = compose("convert", argv)
+    if cfg.mapping or cfg.format == "rosbag2" or is_bag(cfg.input):
+        _convert_bags(cfg)
+        return
     try:
         summary = convert(
             cfg.input,

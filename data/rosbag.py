@@ -25,8 +25,10 @@ The `convert` section adds what only a recording needs:
 - Episodes: `episode_topic` (a std_msgs/String of JSON, as robomosaic-sim-node's `~/episode`): a
   new episode starts when its `episode_field` ("episode") changes, its "seed" and "success" go into
   the episode's metadata, and ticks while the last status says `done` are not steps (the robot did
-  not move). Without it, `episode_gap` (s) splits at a pause of the step stream longer than that;
-  without either, each bag is one episode (give a folder of bags).
+  not move). An episode's observations are those received after the previous episode's last status
+  (the sim node publishes the reset state just before the status announcing the new episode).
+  Without a status topic, `episode_gap` (s) splits at a pause of the command stream longer than
+  that; without either, each bag is one episode (give a folder of bags).
 - `max_obs_age` (0: off): a tick whose newest message of some topic is older than this is skipped.
 
 Time is each message's receipt time in the bag (its log time), as the recorder uses receipt time,
@@ -301,7 +303,9 @@ def bag_episodes(
     strict = c["steps"] == "action"
     ticks, action_index = _ticks(mapping, streams)
     statuses: list[dict[str, Any]] = []
-    first_seen: dict[Any, float] = {}  # episode id -> receipt time of its first status
+    # episode id -> when its observations begin: the last status of the episode before it (a robot
+    # publishes the reset state before the status that announces the new episode, as the sim node does)
+    first_seen: dict[Any, float] = {}
     status_times = np.zeros(0)
     if c["episode_topic"]:
         stream = streams[c["episode_topic"]]
@@ -312,8 +316,10 @@ def bag_episodes(
                 raise BagError(
                     f"{bag}: {c['episode_topic']} message {s} has no field {c['episode_field']!r}: {status}"
                 )
+            if statuses and status[c["episode_field"]] not in first_seen:
+                first_seen[status[c["episode_field"]]] = float(stream.times[s - 1])
+            first_seen.setdefault(status[c["episode_field"]], -np.inf)
             statuses.append(status)
-            first_seen.setdefault(status[c["episode_field"]], float(stream.times[s]))
     episodes: list[tuple[list[dict[str, np.ndarray]], dict[str, Any]]] = []
     current_id: Any = object()
     last_tick = -np.inf

@@ -118,8 +118,9 @@ def _b(key: str, field: str):
 
 
 def test_action_steps_take_the_latest_observation_before_each_command(tmp_path):
-    """Two episodes split by the status topic; a command after `done` and one before any observation
-    of the new episode are not steps; joint states are selected by name, in the mapping's order."""
+    """Episodes split by the status topic; a command after `done` and one before any observation of
+    the new episode are not steps, the reset state published just before the new episode's status
+    is its first observation; joint states are selected by name, in the mapping's order."""
     bag = BagBuilder(tmp_path / "bag")
     bag.status(0.0, 0)
     for step in range(4):  # episode 0: observation at t, command at t + 0.02
@@ -128,18 +129,21 @@ def test_action_steps_take_the_latest_observation_before_each_command(tmp_path):
         bag.action(t + 0.02, float(step))
     bag.status(0.39, 0, done=True, success=True)
     bag.action(0.40, 9.0)  # the episode is done: the robot ignores it
-    bag.status(1.0, 1)
-    bag.action(1.01, 8.0)  # no observation of episode 1 yet
+    bag.status(0.50, 1)  # episode 1 announced, but no state published since episode 0 ended
+    bag.action(0.51, 8.0)
     for step in range(2):
-        t = 1.1 + 0.1 * step
-        bag.arm_state(t, 10.0 + step)
-        bag.action(t + 0.02, 10.0 + step)
+        bag.arm_state(1.0 + 0.1 * step, 10.0 + step)
+        bag.action(1.02 + 0.1 * step, 10.0 + step)
+    bag.status(1.15, 1, done=True)
+    bag.arm_state(2.0, 20.0)  # the reset state goes out just before the status of the new episode
+    bag.status(2.01, 2)
+    bag.action(2.02, 20.0)
     bag.write("/unmapped", "std_msgs/msg/String", 1.5, bag.build.string("x"))
     bag.close()
     summary = convert_bags(
         tmp_path / "bag", tmp_path / "s.zarr", mapping_file(tmp_path / "m.yaml", episode_topic="/sim/episode")
     )
-    assert (summary.episodes, summary.steps) == (2, 6)
+    assert (summary.episodes, summary.steps) == (3, 7)
     skipped = dict(summary.skipped_ticks)
     assert skipped.pop("episode done") == 1
     assert list(skipped.values()) == [1] and re.fullmatch(r"no \w+ message in the episode yet", *skipped)
@@ -152,6 +156,7 @@ def test_action_steps_take_the_latest_observation_before_each_command(tmp_path):
     np.testing.assert_array_equal(e1["action"][:, 0], [10, 11])
     assert store.episode_meta(0)["seed"] == 100 and store.episode_meta(0)["success"]
     assert store.episode_meta(1)["seed"] == 101 and not store.episode_meta(1)["success"]
+    np.testing.assert_array_equal(store.episode(2)["robot0_eef_pos"][:, 0], [20])
 
 
 def test_rate_steps_interpolate_joint_states_and_split_at_gaps(tmp_path):

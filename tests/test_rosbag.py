@@ -220,3 +220,30 @@ def test_export_refuses_an_existing_bag_and_a_mapping_key_the_store_lacks(lift_s
     with pytest.raises(BagError, match=r"keys \['agentview_image'\] are not in the store"):
         export_bag(lift_store, tmp_path / "bag2", mapping, progress=False)
     assert not (tmp_path / "bag2").exists()
+
+
+def test_twist_commands_become_the_recorders_action_with_timeout_and_sticky_gripper(tmp_path):
+    """Twist + gripper at a fixed rate, mapped as the record node maps them: velocity / full scale,
+    zero motion once the newest Twist is older than command_timeout, the gripper kept."""
+    bag = BagBuilder(tmp_path / "bag")
+    T = bag.ts.types
+    twist = T["geometry_msgs/msg/Twist"](
+        linear=T["geometry_msgs/msg/Vector3"](x=0.5, y=0.0, z=-2.0),
+        angular=T["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=5.0),
+    )
+    for k in range(10):
+        bag.arm_state(0.05 * k, float(k))
+    bag.write("/cmd_vel", "geometry_msgs/msg/Twist", 0.0, twist)
+    bag.write("/gripper_command", "std_msgs/msg/Float64", 0.0, T["std_msgs/msg/Float64"](data=1.0))
+    bag.close()
+    mapping = mapping_file(tmp_path / "m.yaml", steps="rate")
+    doc = yaml.safe_load(mapping.read_text())
+    doc["recorder"]["ros__parameters"].update(action_topic="/cmd_vel", action_type="Twist")
+    mapping.write_text(yaml.safe_dump(doc))
+    convert_bags(tmp_path / "bag", tmp_path / "s.zarr", mapping, progress=False)
+    action = EpisodeStore.open(tmp_path / "s.zarr").episode(0)["action"]
+    # full scales 1 m/s and 10 rad/s; command_timeout 0.2 s: ticks at 0..0.2 s move, later ones do not
+    np.testing.assert_allclose(action[0], [0.5, 0, -1.0, 0, 0, 0.5, 1.0])
+    assert np.all(action[:5, :6] == action[0, :6])
+    np.testing.assert_array_equal(action[5:, :6], 0.0)
+    np.testing.assert_array_equal(action[:, 6], 1.0)

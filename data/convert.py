@@ -4,9 +4,10 @@ zarr episode store.
     robomosaic-convert input=demo.hdf5 out=demos/lift.zarr [format=auto|robosuite|robomimic]
                        [task=lift] [cameras=[agentview]] [image_size=84] [overwrite=false]
     robomosaic-convert input=<bag folder | .mcap | folder of bags> out=<store> mapping=<yaml>
+    robomosaic-convert input=<LeRobot v3 dataset folder> out=<store>
 
 rosbag2 recordings (MCAP or sqlite3 storage) are read by `robomosaic.data.rosbag` with a mapping
-file (its docstring). Two hdf5 formats are read:
+file (its docstring); LeRobot v3 datasets by `robomosaic.data.lerobot`. Two hdf5 formats are read:
 
 - robosuite's raw `demo.hdf5`, as `gather_demonstrations_as_hdf5` in robosuite's
   `scripts/collect_human_demonstrations.py` writes it from `DataCollectionWrapper` recordings:
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from robomosaic.conf.console import RobomosaicError, console_script
 from robomosaic.data.spec import DatasetSpec, KeySpec
 
-FORMATS = ("auto", "robosuite", "robomimic", "rosbag2")
+FORMATS = ("auto", "robosuite", "robomimic", "rosbag2", "lerobot")
 DEFAULT_CONTROL_HZ = 20.0  # robosuite's and robomimic's default control frequency
 
 Episode = tuple[dict[str, np.ndarray], dict[str, Any]]
@@ -346,6 +347,15 @@ def main(argv: list[str]) -> None:
     from robomosaic.conf import compose
 
     cfg = compose("convert", argv)
+    from robomosaic.data.lerobot import convert_lerobot, is_lerobot_dataset
+
+    if cfg.format == "lerobot" or (cfg.format == "auto" and is_lerobot_dataset(cfg.input)):
+        episodes, frames = convert_lerobot(cfg.input, cfg.out, overwrite=bool(cfg.overwrite))
+        print(
+            f"converted {episodes} episodes ({frames} frames) "
+            f"of the LeRobot dataset {cfg.input} into {cfg.out}"
+        )
+        return
     if cfg.mapping or cfg.format == "rosbag2" or is_bag(cfg.input):
         _convert_bags(cfg)
         return

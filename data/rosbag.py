@@ -25,8 +25,11 @@ The `convert` section adds what only a recording needs:
 - Episodes: `episode_topic` (a std_msgs/String of JSON, as robomosaic-sim-node's `~/episode`): a
   new episode starts when its `episode_field` ("episode") changes, its "seed" and "success" go into
   the episode's metadata, and ticks while the last status says `done` are not steps (the robot did
-  not move). An episode's observations are those received after the previous episode's last status
-  (the sim node publishes the reset state just before the status announcing the new episode).
+  not move); when the status counts the robot's steps (`step`), commands beyond that count at the
+  end of an episode are dropped (they reached the recorder before the status saying the episode
+  was done, and the robot ignored them). An episode's observations are those received after the
+  previous episode's last status (the sim node publishes the reset state just before the status
+  announcing the new episode).
   Without a status topic, `episode_gap` (s) splits at a pause of the command stream longer than
   that; without either, each bag is one episode (give a folder of bags).
 - `max_obs_age` (0: off): a tick whose newest message of some topic is older than this is skipped.
@@ -369,9 +372,16 @@ def bag_episodes(
         last_tick = t
     out = []
     for steps, info in episodes:
+        final = [st for st in statuses if st[c["episode_field"]] == info["id"]]
+        taken = final[-1].get("step") if final else None
+        if isinstance(taken, int) and len(steps) > taken:
+            # The robot counts its steps: a command that reached the recorder before the status saying
+            # the episode was done was ignored by the robot (the sim node: 11 of 100 episodes).
+            for _ in range(len(steps) - taken):
+                ex.skip("after the robot's last step (its status counts fewer)")
+            steps = steps[:taken]
         meta = {"seed": -1, "success": False, "task": mapping.recorder["task"], "behaviour": "converted",
                 "duration": len(steps) / mapping.recorder["control_hz"]}  # fmt: skip
-        final = [st for st in statuses if st[c["episode_field"]] == info["id"]]
         if final:
             meta["seed"] = int(final[-1].get("seed", -1))
             meta["success"] = bool(final[-1].get("success", False))

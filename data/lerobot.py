@@ -11,7 +11,8 @@ nothing is downloaded. The layout read (LeRobot's `CODEBASE_VERSION` "v3.0"):
     data/chunk-*/file-*.parquet     one row per frame: the features, timestamp, frame/episode/task index
     videos/<key>/chunk-*/file-*.mp4 several episodes per file, from_timestamp..to_timestamp each
 
-Keys: `action` stays `action`; `observation.images.<camera>` (video or image features) becomes
+Keys: `action` stays `action`, `observation.state` (the robot's state) becomes `robot_state` (our
+`state` is the MuJoCo state that replay sets); `observation.images.<camera>` (video or image features) becomes
 `<camera>_image` (uint8 HWC, our camera key convention); `observation.<name>` becomes `<name>`
 (dots to underscores), other features (`next.reward`, ...) their name with dots to underscores.
 The dataset's fps becomes the store's control rate, `robot_type` its robot, each episode's first
@@ -35,6 +36,9 @@ from robomosaic.data.spec import DatasetSpec, KeySpec
 CODEBASE_VERSION = "v3.0"
 INDEX_FEATURES = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 IMAGE_PREFIX = "observation.images."
+# LeRobot's proprioceptive state; our `state` key is the MuJoCo state used for replay
+ROBOT_STATE = ("observation.state", "robot_state")
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 
 
 class LeRobotError(RobomosaicError, ValueError):
@@ -47,6 +51,8 @@ def is_lerobot_dataset(path: str | Path) -> bool:
 
 def store_key(feature: str) -> str:
     """The store key of a LeRobot feature name (see the module docstring)."""
+    if feature == ROBOT_STATE[0]:
+        return ROBOT_STATE[1]
     if feature.startswith(IMAGE_PREFIX):
         return feature[len(IMAGE_PREFIX) :].replace(".", "_") + "_image"
     if feature.startswith("observation."):
@@ -248,3 +254,152 @@ def convert_lerobot(
     for data, meta in episodes:
         store.append_episode(data, meta)
     return len(episodes), sum(len(d["action"]) for d, _ in episodes)
+
+
+# -- writing -----------------------------------------------------------------------------------
+def lerobot_feature(key: str) -> str:
+    """The LeRobot feature name of a store key: the inverse of `store_key`."""
+    if key == "action":
+        return key
+    if key == ROBOT_STATE[1]:
+        return ROBOT_STATE[0]
+    if key.endswith("_image"):
+        return IMAGE_PREFIX + key[: -len("_image")]
+    return "observation." + key
+
+
+def _encode_video(path: Path, frames: np.ndarray, fps: float) -> None:
+    """AV1 (libsvtav1, yuv420p) as LeRobot writes its videos, one file for all episodes of a camera."""
+    from fractions import Fraction
+
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames.shape[1:3]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libsvtav1", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+        for rgb in frames:
+            padded = np.pad(rgb, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+            for packet in stream.encode(av.VideoFrame.from_ndarray(padded, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def export_lerobot(
+    store_path: str | Path, out: str | Path, keys: list[str] | None = None, progress: bool = True
+) -> tuple[int, int]:
+    """Write a store as a LeRobot v3 dataset at `out` (one data file, one video file per camera);
+    (episodes, frames). Keys default to every observation key and the action, without `state`
+    (the MuJoCo state is ours to replay, no LeRobot policy reads it) and `reward`."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from robomosaic.data.store import EpisodeStore
+
+    store = EpisodeStore.open(store_path)
+    out = Path(out)
+    if out.exists():
+        raise LeRobotError(f"out={out}: already exists")
+    chosen = keys or [k for k in store.spec.keys if k not in ("state", "reward")]
+    missing = [k for k in chosen if k not in store.spec.keys]
+    if missing or "action" not in chosen:
+        raise LeRobotError(
+            f"{store.path}: keys {missing or ['action']} are not in the store (has {list(store.spec.keys)})"
+        )
+    fps = store.spec.control_hz
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    columns: dict[str, list[Any]] = {
+        lerobot_feature(k): [] for k in chosen if not store.spec.keys[k].is_image
+    }
+    for name in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
+        columns[name] = []
+    images: dict[str, list[np.ndarray]] = {k: [] for k in chosen if store.spec.keys[k].is_image}
+    tasks: dict[str, int] = {}
+    episodes: list[dict[str, Any]] = []
+    start = 0
+    for i in tqdm(range(store.n_episodes), desc="export LeRobot", disable=not progress):
+        data, meta = store.episode(i, chosen), store.episode_meta(i)
+        n = len(data["action"])
+        task = meta["task"] or store.spec.task or "task"
+        task_index = tasks.setdefault(task, len(tasks))
+        for k in chosen:
+            if store.spec.keys[k].is_image:
+                images[k].append(data[k])
+            else:
+                columns[lerobot_feature(k)].extend(data[k].astype(np.float32).reshape(n, -1).tolist())
+        columns["timestamp"].extend((np.arange(n) / fps).astype(np.float32).tolist())
+        columns["frame_index"].extend(range(n))
+        columns["episode_index"].extend([i] * n)
+        columns["index"].extend(range(start, start + n))
+        columns["task_index"].extend([task_index] * n)
+        row: dict[str, Any] = {"episode_index": i, "tasks": [task], "length": n,
+                               "data/chunk_index": 0, "data/file_index": 0,
+                               "dataset_from_index": start, "dataset_to_index": start + n}  # fmt: skip
+        for k in images:  # every camera's episodes follow each other in one video file
+            v = f"videos/{lerobot_feature(k)}"
+            row.update({f"{v}/chunk_index": 0, f"{v}/file_index": 0})
+            row.update({f"{v}/from_timestamp": start / fps, f"{v}/to_timestamp": (start + n) / fps})
+        row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+        episodes.append(row)
+        start += n
+    features: dict[str, Any] = {}
+    for k in chosen:
+        ks = store.spec.keys[k]
+        if ks.is_image:
+            h, w, c = ks.shape
+            features[lerobot_feature(k)] = {
+                "dtype": "video", "shape": list(ks.shape), "names": ["height", "width", "channels"],
+                "info": {"video.height": h, "video.width": w, "video.codec": "av1",
+                         "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
+                         "video.channels": c, "has_audio": False},
+            }  # fmt: skip
+        else:
+            features[lerobot_feature(k)] = {
+                "dtype": "float32",
+                "shape": [int(np.prod(ks.shape))],
+                "names": None,
+            }
+    for name, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
+                        ("index", "int64"), ("task_index", "int64")):  # fmt: skip
+        features[name] = {"dtype": dtype, "shape": [1], "names": None}
+    info = {
+        "codebase_version": CODEBASE_VERSION, "robot_type": store.spec.robot or None,
+        "total_episodes": store.n_episodes, "total_frames": start, "total_tasks": len(tasks),
+        "chunks_size": 1000, "data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
+        "fps": int(fps) if float(fps).is_integer() else fps, "splits": {"train": f"0:{store.n_episodes}"},
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": VIDEO_PATH if images else None,
+        "features": features,
+    }  # fmt: skip
+    (tmp / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
+    (tmp / "data" / "chunk-000").mkdir(parents=True)
+    (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+    data_table = pa.table({
+        name: pa.array(values, type=pa.float32() if name == "timestamp" else None)
+        if name in INDEX_FEATURES else pa.array(values, type=pa.list_(pa.float32()))
+        for name, values in columns.items()
+    })  # fmt: skip
+    pq.write_table(data_table, tmp / "data" / "chunk-000" / "file-000.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(episodes), tmp / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+    )
+    # LeRobot keeps the task strings as the pandas index of tasks.parquet
+    tasks_table = pa.table({"task_index": list(tasks.values()), "__index_level_0__": list(tasks)})
+    pandas_meta = {"index_columns": ["__index_level_0__"], "column_indexes": [], "columns": [
+        {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
+         "metadata": None},
+        {"name": None, "field_name": "__index_level_0__", "pandas_type": "unicode", "numpy_type": "object",
+         "metadata": None}], "pandas_version": "2.0.0"}  # fmt: skip
+    tasks_table = tasks_table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
+    pq.write_table(tasks_table, tmp / "meta" / "tasks.parquet")
+    for k, parts in images.items():
+        path = tmp / info["video_path"].format(video_key=lerobot_feature(k), chunk_index=0, file_index=0)
+        _encode_video(path, np.concatenate(parts), fps)
+    tmp.rename(out)
+    return store.n_episodes, start

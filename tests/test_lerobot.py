@@ -26,7 +26,7 @@ def expected(episode: int, frame: int) -> dict[str, np.ndarray]:
     action = np.linspace(-1, 1, 7, dtype=np.float32) * (frame + 1) / 10 + episode
     image = np.zeros((24, 32, 3), dtype=np.uint8)
     image[:, : 4 * (frame + 1)] = (60 * episode + 40) % 256
-    return {"state": state, "action": action, "front_image": image}
+    return {"robot_state": state, "action": action, "front_image": image}
 
 
 def test_a_dataset_written_by_lerobot_converts_with_its_frames_fps_actions_and_tasks(tmp_path, capsys):
@@ -34,13 +34,13 @@ def test_a_dataset_written_by_lerobot_converts_with_its_frames_fps_actions_and_t
     assert "converted 3 episodes (21 frames)" in capsys.readouterr().out
     store = EpisodeStore.open(tmp_path / "s.zarr")
     assert store.spec.control_hz == 20.0 and store.spec.robot == "panda"
-    assert set(store.spec.keys) == {"state", "action", "front_image"}
+    assert set(store.spec.keys) == {"robot_state", "action", "front_image"}
     assert store.spec.keys["front_image"].shape == (24, 32, 3)
     assert [len(store.episode(i, ["action"])["action"]) for i in range(3)] == list(LENGTHS)
     for e, n in enumerate(LENGTHS):
         data = store.episode(e)
         want = [expected(e, f) for f in range(n)]
-        for key in ("action", "state"):
+        for key in ("action", "robot_state"):
             np.testing.assert_array_equal(data[key], np.stack([w[key] for w in want]).astype(np.float64))
         # video frames are lossy (AV1, yuv420p): each within a few levels of what was written, and the
         # bar's width (it grows by 4 pixels a frame) right, so no frame is shifted
@@ -92,3 +92,25 @@ def test_damaged_datasets_are_refused_by_name(tmp_path, damage, message):
     with pytest.raises(LeRobotError, match=message):
         convert_lerobot(root, tmp_path / "out.zarr", progress=False)
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_export_then_convert_gives_the_same_store(tmp_path):
+    """store -> LeRobot v3 (parquet + AV1 video, as LeRobot writes it) -> store: actions and states
+    exact (float32), video frames within compression error, tasks and fps kept."""
+    from robomosaic.data.export import main as export_main
+
+    convert_lerobot(FIXTURE, tmp_path / "a.zarr", progress=False)
+    export_main([f"store={tmp_path / 'a.zarr'}", f"out={tmp_path / 'ds'}", "format=lerobot"])
+    assert not (tmp_path / "ds.partial").exists()
+    convert_lerobot(tmp_path / "ds", tmp_path / "b.zarr", progress=False)
+    a, b = EpisodeStore.open(tmp_path / "a.zarr"), EpisodeStore.open(tmp_path / "b.zarr")
+    assert b.n_episodes == 3 and b.spec.control_hz == a.spec.control_hz
+    assert set(b.spec.keys) == set(a.spec.keys)
+    for i in range(3):
+        ea, eb = a.episode(i), b.episode(i)
+        np.testing.assert_array_equal(eb["action"], ea["action"])
+        np.testing.assert_array_equal(eb["robot_state"], ea["robot_state"])
+        assert np.abs(eb["front_image"].astype(int) - ea["front_image"]).mean() < 3
+        assert b.episode_meta(i)["task"] == a.episode_meta(i)["task"]
+    with pytest.raises(SystemExit, match="robomosaic-export: out=.*ds: already exists"):
+        export_main([f"store={tmp_path / 'a.zarr'}", f"out={tmp_path / 'ds'}", "format=lerobot"])

@@ -247,3 +247,28 @@ def test_twist_commands_become_the_recorders_action_with_timeout_and_sticky_grip
     assert np.all(action[:5, :6] == action[0, :6])
     np.testing.assert_array_equal(action[5:, :6], 0.0)
     np.testing.assert_array_equal(action[:, 6], 1.0)
+
+
+def test_camera_images_round_trip_and_one_bag_per_episode(tmp_path):
+    """A store with camera images -> two bags of one episode each (sensor_msgs/Image) -> one store:
+    without a status topic or a gap, each bag of a folder is one episode."""
+    store_path = tmp_path / "cam.zarr"
+    collect(["task=lift", "workers=1", "keep_failed=true", "task.max_steps=6", "episodes=2",
+             "task.cameras=[agentview]", "task.image_size=16", f"out={store_path}"])  # fmt: skip
+    mapping = mapping_file(tmp_path / "map.yaml")
+    doc = yaml.safe_load(mapping.read_text())
+    doc["/**"]["ros__parameters"]["observations"]["agentview_image"] = {
+        "topic": "/agentview/image_raw", "type": "Image"
+    }  # fmt: skip
+    mapping.write_text(yaml.safe_dump(doc))
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    for i in range(2):
+        export_bag(store_path, bags / f"episode_{i}", mapping, episodes=[i], progress=False)
+    summary = convert_bags(bags, tmp_path / "back.zarr", mapping, progress=False)
+    assert (summary.bags, summary.episodes) == (2, 2)
+    a, b = EpisodeStore.open(store_path), EpisodeStore.open(tmp_path / "back.zarr")
+    assert b.spec.keys["agentview_image"].dtype == "uint8"
+    for i in range(2):
+        for key in [*KEYS, "agentview_image"]:
+            np.testing.assert_array_equal(b.episode(i, [key])[key], a.episode(i, [key])[key], err_msg=key)

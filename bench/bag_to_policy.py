@@ -190,6 +190,13 @@ robomosaic-eval checkpoint=policy/best episodes={a.eval_episodes}
 
 The operator here is a trained policy rather than a person, so that the run needs nobody at a
 keyboard; the path from the topics to the store is the one a teleoperated robot's bag takes.
+Reading the table: the bag can hold one episode more than the driver ran: the policy node, active
+from its start, steps the sim's start-up episode until the driver's first reset, and that episode
+is in the recording too. "episode done" ticks are commands sent after the sim reported an episode
+done (it ignores them); "after the robot's last step" are commands that reached the recorder before
+the status saying the episode was done, dropped because the sim's status counts its steps. After
+both rules every driven episode's length in the store equals the sim's own step count
+(`tests/test_ros_bag.py` asserts it over DDS).
 """
     path = ROOT / "docs" / "results" / "interop.md"
     path.write_text(text)

@@ -9,7 +9,8 @@ and the message definitions stored in a bag for types it does not know). A bag w
 with `ros2 bag play` and opens in Foxglove.
 
 The mapping is the record node's parameter file (config/sim_arm_policy.yaml is one): section `/**`
-(and the node sections `recorder` and `convert`, later ones overriding) under `ros__parameters`:
+(and the node sections `recorder` and `convert`, later ones overriding, so that `convert` can name
+another action source than the teleop recorder's) under `ros__parameters`:
 `observations.<key>.topic|type|field|names` as the policy node and the recorder bind them,
 `action_topic` with `action_type` Float64MultiArray (a 7-d action) or Twist (+ `gripper_topic` and
 the full scales, mapped as the recorder maps them), `task`, `robot`, `controller`, `control_hz`.
@@ -74,6 +75,16 @@ class BagError(RobomosaicError, ValueError):
     """A bag or mapping that cannot be converted; the message names the file, topic or field."""
 
 
+def sim_arm_mapping() -> Path:
+    """config/sim_arm_policy.yaml: of the source tree, or as installed under share/robomosaic/config."""
+    import sys
+
+    for root in (Path(__file__).parents[1], Path(sys.prefix) / "share" / "robomosaic"):
+        if (root / "config" / "sim_arm_policy.yaml").is_file():
+            return root / "config" / "sim_arm_policy.yaml"
+    raise BagError("config/sim_arm_policy.yaml is not installed: pass a mapping file")
+
+
 def _typestore() -> Any:
     from rosbags.typesys import Stores, get_typestore
 
@@ -129,10 +140,10 @@ def load_mapping(path: str | Path) -> BagMapping:
         for name, value in params.items():
             if name == "observations":
                 continue
-            if section == "convert" and name not in CONVERT_PARAMETERS:
+            if section == "convert" and name not in CONVERT_PARAMETERS and name not in PARAMETERS:
                 raise BagError(
-                    f"mapping={path}: convert.{name} is not a converter parameter "
-                    f"(known: {', '.join(CONVERT_PARAMETERS)})"
+                    f"mapping={path}: convert.{name} is neither a converter parameter "
+                    f"({', '.join(CONVERT_PARAMETERS)}) nor a recorder parameter"
                 )
             target = convert if name in CONVERT_PARAMETERS else recorder
             if name in target:

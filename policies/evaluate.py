@@ -116,12 +116,15 @@ def evaluate(
     torch_threads: int | None = 1,
     progress: bool = True,
     task_set: TaskSet | None = None,
+    record_store: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run `episodes` episodes (seeds seed_offset + i) through `ExecutorPolicy`; a json-ready summary.
 
     A checkpoint path names its task in spec.json ("task"); a policy object needs `task=`. A
     multitask policy (its checkpoint's "task_set", or `task_set=` for a policy object) sees the
     task's observation adapted by its task set, and needs `task=` one of its tasks.
+    `record_store`: also write every episode (observations, actions, rewards, states) into a new store
+    there, as robomosaic-collect records demonstrations.
     `seed` seeds the policy's sampling noise (with each episode's seed). `torch_threads` is torch's
     thread count during the rollouts (restored afterwards; None leaves it): batch-1 inference beside
     simulator workers loses more to contention than it gains from threads (on a 2-core machine
@@ -183,7 +186,8 @@ def evaluate(
     except ValueError as e:  # blend, n_action_steps or inference_delay out of range
         raise EvaluationError(str(e)) from None
     seeds = [seed_offset + i for i in range(episodes)]
-    common = {"n_envs": workers, "cameras": cameras, "image_size": image_size, "max_steps": max_steps}
+    common = {"n_envs": workers, "cameras": cameras, "image_size": image_size, "max_steps": max_steps,
+              "record": record_store is not None}  # fmt: skip
     results: list[EpisodeResult] = []
     threads = torch.get_num_threads()
     if torch_threads is not None:
@@ -201,6 +205,8 @@ def evaluate(
     check_some_chunk_finite(
         results, runner, f"{checkpoint['path'] if checkpoint else 'the policy'} on {task}"
     )
+    if record_store is not None:
+        _store_rollouts(record_store, task, cameras, image_size, results, spec.control_hz)
     videos = [
         str(write_mp4(Path(video_dir) / f"{task}_seed{r.seed}.mp4", r.frames, fps=spec.control_hz))
         for r in results[:video_episodes]
@@ -227,6 +233,30 @@ def evaluate(
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "machine": machine(),
     }
+
+
+def _store_rollouts(
+    path: str | Path,
+    task: str,
+    cameras: Sequence[str],
+    image_size: int,
+    results: Sequence[EpisodeResult],
+    hz: float,
+) -> None:
+    from robomosaic.data.collect import dataset_spec
+    from robomosaic.data.store import EpisodeStore
+    from robomosaic.sim.tasks import make_task
+
+    store = EpisodeStore.create(path, dataset_spec(make_task(task, cameras=cameras, image_size=image_size)))
+    for r in results:
+        meta = {
+            "seed": r.seed,
+            "success": r.success,
+            "task": task,
+            "behaviour": "policy",
+            "duration": r.length / hz,
+        }
+        store.append_episode(r.trajectory, meta)
 
 
 def check_some_chunk_finite(results: Sequence[EpisodeResult], runner: ExecutorPolicy, what: str) -> None:
@@ -352,6 +382,7 @@ def main(argv: list[str]) -> None:
     tasks = list(task_set.tasks) if task_set else [task]
     results = {}
     for name in tasks:
+        recorded = out.with_name(f"{out.stem}_{name}_episodes.zarr") if cfg.record_mcap else None
         results[name] = evaluate(
             checkpoint,
             task=name,
@@ -369,8 +400,17 @@ def main(argv: list[str]) -> None:
             allow_training_seeds=cfg.allow_training_seeds,
             torch_threads=cfg.torch_threads,
             progress=cfg.progress,
+            record_store=recorded,
         )
         print(summary_table(results[name]))
+        if recorded is not None:
+            from robomosaic.data.rosbag import export_bag, sim_arm_mapping
+
+            bag = out.with_name(f"{out.stem}_{name}_mcap")
+            mapping = cfg.record_mapping or sim_arm_mapping()
+            export_bag(recorded, bag, mapping, progress=cfg.progress)
+            results[name]["recorded"] = {"store": str(recorded), "mcap": str(bag), "mapping": str(mapping)}
+            print(f"wrote the episodes to {recorded} and {bag} (MCAP, mapping {mapping})")
     command = shlex.join(["robomosaic-eval", *argv])
     if task_set:
         mean = float(np.mean([r["success_rate"] for r in results.values()]))

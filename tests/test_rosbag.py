@@ -272,3 +272,22 @@ def test_camera_images_round_trip_and_one_bag_per_episode(tmp_path):
     for i in range(2):
         for key in [*KEYS, "agentview_image"]:
             np.testing.assert_array_equal(b.episode(i, [key])[key], a.episode(i, [key])[key], err_msg=key)
+
+
+def test_eval_record_mcap_writes_the_rollouts_as_a_store_and_a_bag_that_converts_back(tmp_path):
+    from robomosaic.policies.evaluate import main as eval_main
+
+    checkpoint = Path(__file__).parent / "assets" / "lift_flow"
+    out = tmp_path / "eval.json"
+    eval_main([f"checkpoint={checkpoint}", "episodes=2", "workers=1", "videos=0", f"out={out}",
+               "record_mcap=true", "progress=false"])  # fmt: skip
+    report = json.loads(out.read_text())
+    store = EpisodeStore.open(report["recorded"]["store"])
+    ran = report["per_episode"]
+    assert [store.episode_meta(i)["success"] for i in range(2)] == [e["success"] for e in ran]
+    assert [len(store.episode(i, ["action"])["action"]) for i in range(2)] == [e["length"] for e in ran]
+    convert_bags(report["recorded"]["mcap"], tmp_path / "back.zarr", MAPPING, progress=False)
+    back = EpisodeStore.open(tmp_path / "back.zarr")
+    for i in range(2):
+        for key in KEYS:
+            np.testing.assert_array_equal(back.episode(i, [key])[key], store.episode(i, [key])[key])

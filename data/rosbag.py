@@ -39,7 +39,9 @@ Time is each message's receipt time in the bag (its log time), as the recorder u
 so clock offsets between the robot's computers do not matter.
 
 Export writes, per step at `1/control_hz`, each observation topic (several keys of one topic, as
-position and orientation of a PoseStamped, go into one message), then the action, and the episode
+position and orientation of a PoseStamped, go into one message), each task object's pose on
+`/objects/<name>/pose` as the sim node publishes it (computed from the stored MuJoCo state, when the
+store has one and its task is registered), then the action, and the episode
 status on `episode_topic` ("/episode" by default) before each step and once more when the episode
 ends, so that converting the bag back gives the same store.
 """
@@ -552,6 +554,16 @@ class _MessageBuilder:
         return self.T["std_msgs/msg/String"](data=text)
 
 
+def _object_pose_task(store: Any) -> Any:
+    """The store's task, to compute object poses from its stored MuJoCo states (None: no states, or
+    a task this install does not know)."""
+    from robomosaic.sim.tasks import TASKS, make_task
+
+    if "state" not in store.spec.keys or store.spec.task not in TASKS:
+        return None
+    return make_task(store.spec.task)
+
+
 def _topic_groups(mapping: BagMapping) -> dict[str, tuple[str, list[Any]]]:
     groups: dict[str, tuple[str, list[Any]]] = {}
     for rk in mapping.keys.values():
@@ -567,7 +579,7 @@ def _export_messages(
     store: Any, mapping: BagMapping, episodes: Sequence[int], start: float
 ) -> Iterator[tuple[str, str, float, Any]]:
     """(topic, full type, time, message) in time order for the given episodes of `store`."""
-    from robomosaic.ros_nodes.messages import OBSERVATION_TYPES
+    from robomosaic.ros_nodes.messages import OBSERVATION_TYPES, TopicBinding
 
     if mapping.recorder["action_type"] != "Float64MultiArray":
         raise BagError(
@@ -579,11 +591,14 @@ def _export_messages(
     if missing:
         raise BagError(f"mapping={mapping.path}: keys {missing} are not in the store {store.path}")
     dt = 1.0 / store.spec.control_hz
+    sim_task = _object_pose_task(store)
+    pose = TopicBinding(key="pose", topic="/objects", type="PoseStamped", field="pose")
     status_topic = mapping.convert["episode_topic"] or DEFAULT_EPISODE_TOPIC
     action_topic = mapping.recorder["action_topic"]
     t = start
     for i in episodes:
         data, meta = store.episode(i, [*mapping.keys, "action"]), store.episode_meta(i)
+        states = store.episode(i, ["state"])["state"] if sim_task is not None else None
         n = len(data["action"])
         for step in range(n + 1):
             status = {"seed": int(meta.get("seed", -1)), "episode": int(i), "step": step,
@@ -597,6 +612,13 @@ def _export_messages(
                 values = [(b, data[b.key][step]) for b in bindings]
                 full = f"{OBSERVATION_TYPES[type_][0]}/msg/{type_}"
                 yield topic, full, t + 0.1 * dt, build.topic_message(type_, values, t, frame)
+            if sim_task is not None:
+                sim_task.set_state(states[step])
+                for name, (xyz, xyzw) in sim_task.object_poses().items():
+                    msg = build.topic_message(
+                        "PoseStamped", [(pose, np.concatenate([xyz, xyzw]))], t, "world"
+                    )
+                    yield f"/objects/{name}/pose", "geometry_msgs/msg/PoseStamped", t + 0.1 * dt, msg
             yield (
                 action_topic,
                 "std_msgs/msg/Float64MultiArray",

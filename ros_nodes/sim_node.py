@@ -244,9 +244,6 @@ def _make_node_class():  # rclpy is imported only when a node is built
             sim = self.task.env.sim
             self._qpos = [sim.model.get_joint_qpos_addr(j) for j in self.arm_joints]
             self._qvel = [sim.model.get_joint_qvel_addr(j) for j in self.arm_joints + self.finger_joints]
-            self.objects = {
-                o.name: sim.model.body_name2id(o.root_body) for o in self.task.env.model.mujoco_objects
-            }
 
             # Publishers.
             sensor = sensor_qos()
@@ -255,7 +252,7 @@ def _make_node_class():  # rclpy is imported only when a node is built
             self.pub_object = self.create_publisher(Float64MultiArray, "/object_state", sensor)
             self.pub_objects = {
                 name: self.create_publisher(PoseStamped, f"/objects/{name}/pose", sensor)
-                for name in self.objects
+                for name in self.task.object_poses()
             }
             self.pub_images = {
                 cam: self.create_publisher(Image, f"/{cam}/image_raw", sensor) for cam in self.cameras
@@ -478,12 +475,8 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 messages.pose_stamped_msg(obs["robot0_eef_pos"], obs["robot0_eef_quat"], self.frame_id, stamp)
             )
             self.pub_object.publish(messages.float64_array_msg(obs["object"]))
-            for name, body in self.objects.items():
-                wxyz = sim.data.body_xquat[body]
-                xyzw = np.array([wxyz[1], wxyz[2], wxyz[3], wxyz[0]])
-                self.pub_objects[name].publish(
-                    messages.pose_stamped_msg(sim.data.body_xpos[body], xyzw, self.frame_id, stamp)
-                )
+            for name, (xyz, xyzw) in self.task.object_poses().items():
+                self.pub_objects[name].publish(messages.pose_stamped_msg(xyz, xyzw, self.frame_id, stamp))
             for cam, pub in self.pub_images.items():
                 pub.publish(messages.image_msg(obs[f"{cam}_image"], cam, stamp))
             for cam, pub in self.pub_compressed.items():

@@ -197,6 +197,16 @@ class Task:
         self.env.sim.forward()
         return self.observe()
 
+    def object_poses(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each task object's root body pose in the world frame: name -> (xyz, quaternion xyzw)."""
+        sim = self.env.sim
+        poses = {}
+        for o in self.env.model.mujoco_objects:
+            body = sim.model.body_name2id(o.root_body)
+            w, x, y, z = sim.data.body_xquat[body]
+            poses[o.name] = (sim.data.body_xpos[body].copy(), np.array([x, y, z, w]))
+        return poses
+
     def observe(self) -> dict[str, np.ndarray]:
         """The observation at the current simulator state (renders cameras if any).
 

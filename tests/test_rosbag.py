@@ -61,6 +61,21 @@ def test_store_to_bag_to_store_is_equal_on_every_mapped_key(lift_store, tmp_path
         }
     assert b.spec.keys["robot0_eef_pos"] == a.spec.keys["robot0_eef_pos"]
     assert b.spec.control_hz == a.spec.control_hz
+    # the cube's pose, computed from the stored MuJoCo states as the sim node publishes it, is the
+    # first 7 entries of lift's `object` observation, up to the observation's lag of one physics
+    # substep behind the state (sim/tasks.py `observe`: measured 5.6e-4 while the cube settles)
+    doc = yaml.safe_load(mapping.read_text())
+    doc["/**"]["ros__parameters"]["observations"]["cube_pose"] = {
+        "topic": "/objects/cube/pose", "type": "PoseStamped", "field": "pose"
+    }  # fmt: skip
+    mapping.write_text(yaml.safe_dump(doc))
+    poses = convert_bags(bag, tmp_path / "poses.zarr", mapping, progress=False)
+    assert poses.episodes == 3
+    with_poses = EpisodeStore.open(tmp_path / "poses.zarr")
+    for i in range(3):
+        np.testing.assert_allclose(
+            with_poses.episode(i)["cube_pose"], a.episode(i)["object"][:, :7], atol=2e-3
+        )
 
 
 class BagBuilder:

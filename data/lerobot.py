@@ -194,7 +194,8 @@ class LeRobotDataset:
                         continue
                     if abs(t - wanted[len(frames)]) > tolerance:
                         break
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    h, w = self.features[feature]["shape"][:2]  # odd sizes are encoded padded by one
+                    frames.append(frame.to_ndarray(format="rgb24")[:h, :w])
                     if len(frames) == len(wanted):
                         break
         except av.FFmpegError as e:

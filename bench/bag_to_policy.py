@@ -31,7 +31,7 @@ ROOT = Path(__file__).parents[1]
 
 from robomosaic.data.rosbag import convert_bags, export_bag  # noqa: E402
 from robomosaic.data.store import EpisodeStore  # noqa: E402
-from robomosaic.ros_nodes.processes import node_output, start_node, stop_node  # noqa: E402
+from robomosaic.ros_nodes.processes import node_output, start_lockstep_lift, start_node, stop_node  # noqa: E402
 from robomosaic.sim.measure_experts import machine  # noqa: E402
 
 DOMAIN = 41
@@ -42,10 +42,8 @@ BIN = Path(sys.executable).parent
 
 def mapping(path: Path) -> Path:
     doc = yaml.safe_load((ROOT / "config" / "sim_arm_policy.yaml").read_text())
-    recorder = doc["recorder"]["ros__parameters"]
-    recorder.update(action_topic=COMMANDS, action_type="Float64MultiArray", task="lift")
     doc["policy"]["ros__parameters"].update(command_type="forward", command_topic=COMMANDS)
-    doc["convert"] = {"ros__parameters": {"episode_topic": "/sim/episode"}}
+    doc["convert"]["ros__parameters"]["task"] = "lift"  # it converts forward commands and /sim/episode
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -62,11 +60,7 @@ def run(args: list[str], log: Path) -> float:
 
 def record(out: Path, params: Path, episodes: int) -> tuple[Path, float]:
     bag = out / "bag"
-    sim = start_node("sim_node", "-r", "__node:=sim", "-p", "task:=lift", "-p", "step_mode:=commanded",
-                     "-p", "seed:=0", domain=DOMAIN)  # fmt: skip
-    policy = start_node("policy_node", "-r", "__node:=policy", "--params-file", str(params),
-                        "-p", f"checkpoint:={ROOT / 'tests/assets/lift_flow'}", "-p", "autostart:=true",
-                        "-p", "use_sim_time:=true", "-p", "inference:=simulated", domain=DOMAIN)  # fmt: skip
+    sim, policy = start_lockstep_lift(params, ROOT / "tests/assets/lift_flow", 0, DOMAIN)
     topics = f"topics:={json.dumps(TOPICS)}"
     recorder = start_node("bag_record", "-p", f"out:={bag}", "-p", topics, domain=DOMAIN)
     try:

@@ -315,15 +315,6 @@ def convert(
     return ConvertSummary(path, str(out), fmt, len(names), n_steps)
 
 
-def is_bag(path: str | Path) -> bool:
-    """A rosbag2 folder, an .mcap file, or a folder of them (not an hdf5 file)."""
-    p = Path(path)
-    return p.suffix == ".mcap" or (p.is_dir() and (
-        (p / "metadata.yaml").is_file() or any(q.suffix == ".mcap" or (q / "metadata.yaml").is_file()
-                                               for q in p.iterdir())
-    ))  # fmt: skip
-
-
 def _convert_bags(cfg: Any) -> None:
     from robomosaic.data.rosbag import BagError, convert_bags
 
@@ -356,6 +347,8 @@ def main(argv: list[str]) -> None:
             f"of the LeRobot dataset {cfg.input} into {cfg.out}"
         )
         return
+    from robomosaic.data.rosbag import is_bag
+
     if cfg.mapping or cfg.format == "rosbag2" or is_bag(cfg.input):
         _convert_bags(cfg)
         return

@@ -167,7 +167,10 @@ class LeRobotDataset:
                        and self.features.get(k, {}).get("dtype") != "video"]  # fmt: skip
             if missing:
                 raise LeRobotError(f"{path}: column(s) {missing} of meta/info.json are missing")
-            cache[path] = table.to_pydict()
+            rows = table.to_pydict()
+            for name in INDEX_FEATURES:  # as arrays once per file, not once per episode
+                rows[name] = np.asarray(rows[name])
+            cache[path] = rows
         return cache[path]
 
     def _frames(self, feature: str, episode: dict[str, Any], timestamps: np.ndarray) -> np.ndarray:

@@ -78,13 +78,13 @@ class BagError(RobomosaicError, ValueError):
 
 
 def sim_arm_mapping() -> Path:
-    """config/sim_arm_policy.yaml: of the source tree, or as installed under share/robomosaic/config."""
-    import sys
+    """config/sim_arm_policy.yaml of the robomosaic package share (as `ros2 launch` finds it)."""
+    from robomosaic.ros_nodes.launch import PACKAGE, package_share
 
-    for root in (Path(__file__).parents[1], Path(sys.prefix) / "share" / "robomosaic"):
-        if (root / "config" / "sim_arm_policy.yaml").is_file():
-            return root / "config" / "sim_arm_policy.yaml"
-    raise BagError("config/sim_arm_policy.yaml is not installed: pass a mapping file")
+    path = package_share(PACKAGE) / "config" / "sim_arm_policy.yaml"
+    if not path.is_file():
+        raise BagError(f"{path} is not installed: pass a mapping file")
+    return path
 
 
 def _typestore() -> Any:
@@ -180,6 +180,16 @@ class Stream:
         return int(np.searchsorted(self.times, t, side="left" if strict else "right")) - 1
 
 
+def _is_one_bag(p: Path) -> bool:
+    return p.suffix == ".mcap" or (p / "metadata.yaml").is_file()
+
+
+def is_bag(path: str | Path) -> bool:
+    """A rosbag2 folder, an .mcap file, or a folder of them."""
+    p = Path(path)
+    return _is_one_bag(p) or (p.is_dir() and any(_is_one_bag(q) for q in p.iterdir()))
+
+
 def bag_paths(input: str | Path) -> list[Path]:
     """The bags `input` names: a bag folder, one .mcap, or a folder holding several of either."""
     p = Path(input)
@@ -187,7 +197,7 @@ def bag_paths(input: str | Path) -> list[Path]:
         raise BagError(f"input={p}: no such file or folder")
     if p.is_file() or (p / "metadata.yaml").is_file():
         return [p]
-    bags = sorted(q for q in p.iterdir() if q.suffix == ".mcap" or (q / "metadata.yaml").is_file())
+    bags = sorted(q for q in p.iterdir() if _is_one_bag(q))
     if not bags:
         raise BagError(
             f"input={p}: neither a rosbag2 folder (metadata.yaml) nor a folder of bags or .mcap files"
@@ -322,6 +332,7 @@ def bag_episodes(
     # episode id -> when its observations begin: the last status of the episode before it (a robot
     # publishes the reset state before the status that announces the new episode, as the sim node does)
     first_seen: dict[Any, float] = {}
+    last_status: dict[Any, dict[str, Any]] = {}  # episode id -> its final status
     status_times = np.zeros(0)
     if c["episode_topic"]:
         stream = streams[c["episode_topic"]]
@@ -335,6 +346,7 @@ def bag_episodes(
             if statuses and status[c["episode_field"]] not in first_seen:
                 first_seen[status[c["episode_field"]]] = float(stream.times[s - 1])
             first_seen.setdefault(status[c["episode_field"]], -np.inf)
+            last_status[status[c["episode_field"]]] = status
             statuses.append(status)
     episodes: list[tuple[list[dict[str, np.ndarray]], dict[str, Any]]] = []
     current_id: Any = object()
@@ -385,8 +397,8 @@ def bag_episodes(
         last_tick = t
     out = []
     for steps, info in episodes:
-        final = [st for st in statuses if st[c["episode_field"]] == info["id"]]
-        taken = final[-1].get("step") if final else None
+        final = last_status.get(info["id"])
+        taken = final.get("step") if final else None
         if isinstance(taken, int) and len(steps) > taken:
             # The robot counts its steps: a command that reached the recorder before the status saying
             # the episode was done was ignored by the robot (the sim node: 11 of 100 episodes).
@@ -396,10 +408,10 @@ def bag_episodes(
         meta = {"seed": -1, "success": False, "task": mapping.recorder["task"], "behaviour": "converted",
                 "duration": len(steps) / mapping.recorder["control_hz"]}  # fmt: skip
         if final:
-            meta["seed"] = int(final[-1].get("seed", -1))
-            meta["success"] = bool(final[-1].get("success", False))
-            meta["behaviour"] = str(final[-1].get("behaviour", meta["behaviour"]))
-            meta["task"] = str(final[-1].get("task", meta["task"]))
+            meta["seed"] = int(final.get("seed", -1))
+            meta["success"] = bool(final.get("success", False))
+            meta["behaviour"] = str(final.get("behaviour", meta["behaviour"]))
+            meta["task"] = str(final.get("task", meta["task"]))
         data = {k: np.stack([s[k] for s in steps]) for k in steps[0]}
         out.append((data, meta))
     return out, ex.skipped

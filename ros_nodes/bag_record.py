@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from robomosaic.ros_nodes.common import require_rclpy
+from robomosaic.ros_nodes.common import run_node
 
 
 def message_class(type_name: str) -> type:
@@ -108,18 +107,11 @@ def _make_node_class():  # rclpy is imported only when a node is built
 
 def main(argv: Sequence[str] | None = None) -> None:
     """robomosaic-bag-record (standard ROS arguments: --ros-args -p out:=<bag> -p topics:=[...])."""
-    require_rclpy()
-    import rclpy
+    from rosbags.rosbag2 import WriterError
 
-    from robomosaic.ros_nodes.common import spin_node
-
-    rclpy.init(args=list(sys.argv if argv is None else ["robomosaic-bag-record", *argv]))
-    try:
-        node = _make_node_class()()
-    except (ValueError, OSError) as e:
-        rclpy.try_shutdown()
-        raise SystemExit(f"robomosaic-bag-record: {e}") from None
-    spin_node(node)
+    run_node(
+        "robomosaic-bag-record", lambda: _make_node_class()(), argv, errors=(ValueError, OSError, WriterError)
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ it); rclpy is imported inside the functions that need it.
     SENSOR_QOS / sensor_qos()    best effort, keep last 1, volatile: the newest sensor sample only
     COMMAND_QOS / command_qos()  reliable, keep last 10: commands are never silently dropped
     spin_node(node)              spin until SIGINT/SIGTERM, then send the node's safe command
+    run_node(script, make, argv) a console script's main: init, build the node (one-line errors), spin
     BackgroundSpin(executor)     spin in a thread of its own until close()
 """
 
@@ -117,6 +118,28 @@ def spin_node(node: Any) -> None:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             faulthandler.cancel_dump_traceback_later()
+
+
+def run_node(
+    script: str,
+    make_node: Any,
+    argv: Any = None,
+    errors: tuple[type[BaseException], ...] = (ValueError, KeyError),
+) -> None:
+    """`main` of a node's console script: rclpy.init with the ROS arguments, `make_node()`, whose
+    `errors` (bad parameters) exit with one line naming the script, then `spin_node`."""
+    import sys
+
+    require_rclpy()
+    import rclpy
+
+    rclpy.init(args=list(sys.argv if argv is None else [script, *argv]))
+    try:
+        node = make_node()
+    except errors as e:
+        rclpy.try_shutdown()
+        raise SystemExit(f"{script}: {e}") from None
+    spin_node(node)
 
 
 class BackgroundSpin:

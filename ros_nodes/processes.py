@@ -18,6 +18,24 @@ def start_node(module: str, *ros_args: str, domain: int, stdin: int | None = Non
     )
 
 
+def start_lockstep_lift(
+    params: str | os.PathLike, checkpoint: str | os.PathLike, seed: int, domain: int
+) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """The sim node (lift, commanded stepping, seeds from `seed`) and the policy node (`checkpoint`,
+    parameter file `params`) on the sim's clock with inference inside its tick: a loop over DDS that
+    gives the same steps on a loaded machine as on an idle one (tests/test_ros_lift_e2e.py says why)."""
+    sim = start_node(
+        "sim_node", "-r", "__node:=sim", "-p", "task:=lift", "-p", "step_mode:=commanded",
+        "-p", f"seed:={seed}", domain=domain,
+    )  # fmt: skip
+    policy = start_node(
+        "policy_node", "-r", "__node:=policy", "--params-file", str(params),
+        "-p", f"checkpoint:={checkpoint}", "-p", "autostart:=true", "-p", "use_sim_time:=true",
+        "-p", "inference:=simulated", domain=domain,
+    )  # fmt: skip
+    return sim, policy
+
+
 def start_process(args: list[str], domain: int, stdin: int | None = None) -> subprocess.Popen:
     """`args` on DDS domain `domain`, its output in `process.log`.
 

@@ -61,7 +61,6 @@ SIGTERM) discards an episode in progress (its success is unknown) with a warning
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ import numpy as np
 
 from robomosaic.data.collect import free_seeds
 from robomosaic.data.spec import DatasetSpec, KeySpec
-from robomosaic.ros_nodes.common import require_rclpy
+from robomosaic.ros_nodes.common import require_rclpy, run_node
 from robomosaic.ros_nodes.sim_node import MAX_DELTA_POS, MAX_DELTA_ROT, twist_to_action
 from robomosaic.sim.tasks import ACTION_SPEC, CONTROL_HZ, CONTROLLER, PROPRIO_KEYS, ROBOT
 
@@ -640,18 +639,7 @@ def _make_node_class():  # rclpy is imported only when a node is built
 
 def main(argv: Sequence[str] | None = None) -> None:
     """robomosaic-record-node (standard ROS arguments: --ros-args -p store:=demos/x.zarr ...)."""
-    require_rclpy()
-    import rclpy
-
-    from robomosaic.ros_nodes.common import spin_node
-
-    rclpy.init(args=list(sys.argv if argv is None else ["robomosaic-record-node", *argv]))
-    try:
-        node = _make_node_class()()
-    except (ValueError, KeyError) as e:
-        rclpy.try_shutdown()
-        raise SystemExit(f"robomosaic-record-node: {e}") from None
-    spin_node(node)
+    run_node("robomosaic-record-node", lambda: _make_node_class()(), argv)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import threading
 import time
 from collections import deque
@@ -69,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from robomosaic.ros_nodes.common import require_rclpy
+from robomosaic.ros_nodes.common import require_rclpy, run_node
 
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
 GRIPPER = ACTION_NAMES.index("gripper")
@@ -505,18 +504,7 @@ def _make_node_class():  # rclpy is imported only when a node is built
 
 def main(argv: Sequence[str] | None = None) -> None:
     """robomosaic-sim-node (standard ROS arguments: --ros-args -p task:=lift ...)."""
-    require_rclpy()
-    import rclpy
-
-    from robomosaic.ros_nodes.common import spin_node
-
-    rclpy.init(args=list(sys.argv if argv is None else ["robomosaic-sim-node", *argv]))
-    try:
-        node = _make_node_class()()
-    except (ValueError, KeyError) as e:
-        rclpy.try_shutdown()
-        raise SystemExit(f"robomosaic-sim-node: {e}") from None
-    spin_node(node)
+    run_node("robomosaic-sim-node", lambda: _make_node_class()(), argv)
 
 
 if __name__ == "__main__":

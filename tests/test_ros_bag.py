@@ -21,7 +21,7 @@ pytest.importorskip("rclpy")
 
 from robomosaic.data.rosbag import convert_bags
 from robomosaic.data.store import EpisodeStore
-from robomosaic.ros_nodes.processes import node_output, start_node, stop_node
+from robomosaic.ros_nodes.processes import node_output, start_lockstep_lift, start_node, stop_node
 
 ROOT = Path(__file__).parents[1]
 CHECKPOINT = ROOT / "tests" / "assets" / "lift_flow"
@@ -36,10 +36,8 @@ def mapping(path: Path) -> Path:
     """config/sim_arm_policy.yaml with forward commands (policy node and action) and the sim's
     episode status: one file for the policy node and the converter."""
     doc = yaml.safe_load((ROOT / "config" / "sim_arm_policy.yaml").read_text())
-    recorder = doc["recorder"]["ros__parameters"]
-    recorder.update(action_topic=COMMANDS, action_type="Float64MultiArray", task="lift")
     doc["policy"]["ros__parameters"].update(command_type="forward", command_topic=COMMANDS)
-    doc["convert"] = {"ros__parameters": {"episode_topic": "/sim/episode"}}
+    doc["convert"]["ros__parameters"]["task"] = "lift"  # it converts forward commands and /sim/episode
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -54,15 +52,7 @@ def wait_for(process: subprocess.Popen, text: str, count: int, timeout: float, *
 
 def test_bag_recorded_over_dds_converts_into_the_episodes_that_ran(tmp_path: Path) -> None:
     params = mapping(tmp_path / "mapping.yaml")
-    sim = start_node(
-        "sim_node", "-r", "__node:=sim", "-p", "task:=lift", "-p", "step_mode:=commanded",
-        "-p", f"seed:={SEED_OFFSET}", domain=DOMAIN_ID,
-    )  # fmt: skip
-    policy = start_node(
-        "policy_node", "-r", "__node:=policy", "--params-file", str(params),
-        "-p", f"checkpoint:={CHECKPOINT}", "-p", "autostart:=true", "-p", "use_sim_time:=true",
-        "-p", "inference:=simulated", domain=DOMAIN_ID,
-    )  # fmt: skip
+    sim, policy = start_lockstep_lift(params, CHECKPOINT, SEED_OFFSET, DOMAIN_ID)
     bag = tmp_path / "run"
     recorder = start_node(
         "bag_record", "-p", f"out:={bag}", "-p", f"topics:={json.dumps(TOPICS)}", domain=DOMAIN_ID

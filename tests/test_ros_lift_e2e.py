@@ -32,7 +32,7 @@ import yaml
 
 pytest.importorskip("rclpy")
 
-from robomosaic.ros_nodes.processes import start_node, stop_node
+from robomosaic.ros_nodes.processes import start_lockstep_lift, stop_node
 
 CHECKPOINT = Path(__file__).parent / "assets" / "lift_flow"
 # The observation topics of the launch file's parameter file: the mapping users start from.
@@ -55,16 +55,8 @@ def test_lift_success_through_ros_matches_in_process(tmp_path: Path) -> None:
     from robomosaic.policies.evaluate import evaluate
 
     start = time.perf_counter()
-    sim = start_node(
-        "sim_node", "-r", "__node:=sim", "-p", "task:=lift", "-p", "step_mode:=commanded",
-        "-p", f"seed:={SEED_OFFSET}", domain=DOMAIN_ID,
-    )  # fmt: skip
     params = policy_parameters(tmp_path / "policy.yaml")
-    policy = start_node(
-        "policy_node", "-r", "__node:=policy", "--params-file", str(params),
-        "-p", f"checkpoint:={CHECKPOINT}", "-p", "autostart:=true", "-p", "use_sim_time:=true",
-        "-p", "inference:=simulated", domain=DOMAIN_ID,
-    )  # fmt: skip
+    sim, policy = start_lockstep_lift(params, CHECKPOINT, SEED_OFFSET, DOMAIN_ID)
     report = tmp_path / "ros_eval.json"
     try:
         driver = subprocess.Popen(

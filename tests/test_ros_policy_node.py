@@ -682,6 +682,9 @@ def test_multitask_task_from_a_string_topic(tmp_path: Path) -> None:
                 obj.publish(messages.float64_array_msg([0.5, -0.5, 0.25]))
                 time.sleep(PERIOD)
 
+        # the probe must be matched with the node's command publisher first (discovery can take
+        # longer than 0.5 s on a loaded machine)
+        wait_until(lambda: commands or publish_for(0.1), 20.0, "the first command")
         publish_for(0.5)  # no task yet: nothing is offered to the policy
         assert node.chunk_executor.stats.chunks == 0 and commands and all(is_hold(c) for c in commands)
         task.publish(String(data="pick_one"))

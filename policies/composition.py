@@ -97,6 +97,12 @@ class ComposedPolicy(nn.Module):
         self.n_obs_steps = max(p.n_obs_steps for p in parents)
         self.config: dict[str, Any] = {}  # filled by `save`/`from_checkpoint`: the parents' paths
 
+    def use_backend(self, backend: str) -> ComposedPolicy:
+        """Every parent's inference backend (`DenoisingPolicy.use_backend`)."""
+        for parent in self.parents:
+            parent.use_backend(backend)
+        return self
+
     def bind_parents(self, obs: Mapping[str, Tensor]) -> tuple[list, list[float]]:
         """The parents of positive weight bound to their own keys and history length of `obs`
         ({key: (B, T >= n_obs_steps, ...)}), and their weights; zero-weight parents do no work."""

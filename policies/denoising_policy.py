@@ -13,6 +13,10 @@ step. Actions are normalized per dimension to [-1, 1]; `predict_chunk` returns r
     chunk = policy.predict_chunk(history)              # (horizon, action_dim), robot units
     bound = policy.bind(obs)                           # for policies.inference.sample_chunk
     policy.save("runs/lift/best"); policy = load_policy("runs/lift/best")
+
+Inference runs the network on the fast path (`fast_network`: ONNX Runtime on the CPU) where the
+backend is "auto", which `load_policy` sets; a policy built in code starts on "eager" (its weights
+are about to change) until `use_backend("auto")`.
 """
 
 from __future__ import annotations
@@ -38,15 +42,18 @@ from robomosaic.policies.checkpoint import (
     save_checkpoint,
 )
 from robomosaic.policies.encoders import ObservationEncoder
+from robomosaic.policies.fast_network import OnnxNetwork, build_fast_network
 from robomosaic.policies.inference import ActionSpace, BoundDenoiser, history_batch, sample_chunk
 from robomosaic.policies.networks import NETWORKS, build_network
-from robomosaic.policies.noise import make_process
+from robomosaic.policies.noise import Denoiser, make_process
 
 # What each process feeds the network as its noise input, and the scale that spreads it over the
 # range the sinusoidal embedding resolves well (DDPM timesteps are already 0..T-1).
 NOISE_SCALE = {"ddpm": 1.0, "flow": 100.0, "edm": 100.0}
 # The statistics each normalizer mode reads (`data.normalizer._affine`); other modes read none.
 MODE_STATS = {"minmax": ("min", "max"), "meanstd": ("mean", "std")}
+# "auto": the fast path (ONNX Runtime) on the CPU where the network exports, else eager PyTorch.
+BACKENDS = ("auto", "eager")
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "horizon": 16,
@@ -121,6 +128,41 @@ class DenoisingPolicy(nn.Module):
         )
         self.action_space = ActionSpace(self.horizon, self.action_dim, normalizer)
         self._denoise = self.process.denoiser(self.network)
+        self.backend = "eager"
+        self._fast: OnnxNetwork | bool | None = None  # None: not built; False: cannot be built
+
+    # -- the inference backend ------------------------------------------------------------------
+    def use_backend(self, backend: str) -> DenoisingPolicy:
+        """Run inference on `backend` ("auto": the fast path where it builds; "eager")."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}, expected one of {BACKENDS}")
+        self.backend, self._fast = backend, None
+        return self
+
+    def _fast_denoise(self, cond: Tensor) -> Denoiser | None:
+        """The process's denoise over the fast network for conditions like `cond`, or None where
+        inference stays eager. Rebuilt when the thread count or the condition's shape changes."""
+        if self.backend == "eager" or self.training or cond.device.type != "cpu":
+            return None
+        shape = tuple(cond.shape[1:])
+        built = self._fast
+        if built is None or (built and (built.threads, built.cond_shape) != (torch.get_num_threads(), shape)):
+            self._fast = build_fast_network(self.network, self.horizon, self.action_dim, shape) or False
+        return self.process.denoiser(self._fast) if self._fast else None
+
+    # The exported graph holds a copy of the weights: drop it whenever they may change.
+    def train(self, mode: bool = True) -> DenoisingPolicy:
+        if mode:
+            self._fast = None
+        return super().train(mode)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._fast = None
+        return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DenoisingPolicy:
+        self._fast = None
+        return super()._apply(fn, recurse)
 
     # -- the contract ---------------------------------------------------------------------------
     def encode(self, obs: Mapping[str, Tensor]) -> Tensor:
@@ -129,7 +171,9 @@ class DenoisingPolicy(nn.Module):
 
     def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
         """x0_hat of a VE-noisy normalized action chunk (the core contract)."""
-        x0_hat = self._denoise(x, sigma, cond)
+        return self._clip(self._denoise(x, sigma, cond))
+
+    def _clip(self, x0_hat: Tensor) -> Tensor:
         return x0_hat.clamp(-1.0, 1.0) if self.config["clip_sample"] else x0_hat
 
     # -- training -------------------------------------------------------------------------------
@@ -155,8 +199,15 @@ class DenoisingPolicy(nn.Module):
         """This policy's denoiser with a batch of observation histories {key: (B, n_obs_steps, ...)}
         in robot units encoded once (the inference core's unit, `inference.sample_chunk`)."""
         cond = self.encode(obs)
+        fast = self._fast_denoise(cond)
+
+        def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+            if fast is None or (torch.is_grad_enabled() and x.requires_grad):  # gradients: eager
+                return self.denoise(x, sigma, cond)
+            return self._clip(fast(x, sigma, cond))
+
         return BoundDenoiser(
-            denoise=lambda x, sigma: self.denoise(x, sigma, cond),
+            denoise=denoise,
             process=self.process,
             action_space=self.action_space,
             batch=cond.shape[0],
@@ -278,7 +329,7 @@ class DenoisingPolicy(nn.Module):
         check_spec_fields(ckpt.path, spec, fields)
         policy.load_state_dict(weights)
         policy.eval()
-        return policy
+        return policy.use_backend("auto")
 
 
 def check_normalizer(

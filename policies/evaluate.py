@@ -49,12 +49,15 @@ class EvaluationError(RobomosaicError, ValueError):
     """Evaluation cannot start: the message names the parameter, checkpoint or observation key."""
 
 
-def load_checkpoint(path: str | Path) -> tuple[ChunkPolicy, dict[str, Any]]:
-    """The policy of a checkpoint folder and its spec.json (task, provenance, ...)."""
+def load_checkpoint(path: str | Path, backend: str = "auto") -> tuple[ChunkPolicy, dict[str, Any]]:
+    """The policy of a checkpoint folder, on inference `backend` ("auto": the fast path; "eager"),
+    and its spec.json (task, provenance, ...)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     policy = load_policy(path)  # verifies every file against the hashes in spec.json
+    if hasattr(policy, "use_backend"):  # the denoising policies and compositions of them
+        policy.use_backend(backend)
     return policy, json.loads((path / "spec.json").read_text())
 
 
@@ -117,6 +120,7 @@ def evaluate(
     progress: bool = True,
     task_set: TaskSet | None = None,
     record_store: str | Path | None = None,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Run `episodes` episodes (seeds seed_offset + i) through `ExecutorPolicy`; a json-ready summary.
 
@@ -124,7 +128,8 @@ def evaluate(
     multitask policy (its checkpoint's "task_set", or `task_set=` for a policy object) sees the
     task's observation adapted by its task set, and needs `task=` one of its tasks.
     `record_store`: also write every episode (observations, actions, rewards, states) into a new store
-    there, as robomosaic-collect records demonstrations.
+    there, as robomosaic-collect records demonstrations. `backend` is a checkpoint's inference
+    backend ("auto": the fast path, docs/design.md; "eager": plain PyTorch).
     `seed` seeds the policy's sampling noise (with each episode's seed). `torch_threads` is torch's
     thread count during the rollouts (restored afterwards; None leaves it): batch-1 inference beside
     simulator workers loses more to contention than it gains from threads (on a 2-core machine
@@ -133,7 +138,7 @@ def evaluate(
     start = time.perf_counter()
     checkpoint: dict[str, Any] | None = None
     if isinstance(policy_or_checkpoint, (str, Path)):
-        policy, spec_json = load_checkpoint(policy_or_checkpoint)
+        policy, spec_json = load_checkpoint(policy_or_checkpoint, backend)
         checkpoint = {
             "path": str(policy_or_checkpoint),
             "policy_class": spec_json.get("policy_class"),
@@ -226,6 +231,7 @@ def evaluate(
             "max_steps": max_steps or TASKS[task].max_steps,
             "cameras": list(cameras),
             "torch_threads": torch.get_num_threads() if torch_threads is None else torch_threads,
+            "backend": backend,
         },
         **summary,
         "videos": videos,
@@ -401,6 +407,7 @@ def main(argv: list[str]) -> None:
             torch_threads=cfg.torch_threads,
             progress=cfg.progress,
             record_store=recorded,
+            backend=cfg.backend,
         )
         print(summary_table(results[name]))
         if recorded is not None:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from robomosaic.conf.console import RobomosaicError, console_script
@@ -43,6 +44,7 @@ from robomosaic.data.sampler import SequenceDataset, SequenceSampler, make_datal
 from robomosaic.data.spec import KeySpec
 from robomosaic.data.store import META_FIELDS, EpisodeStore
 from robomosaic.policies.denoising_policy import DenoisingPolicy
+from robomosaic.policies.precision import autocast, resolve_precision
 from robomosaic.sim.tasks import PROPRIO_KEYS
 
 # Rollouts used to *select* checkpoints start at this seed; final evaluation (robomosaic-eval)
@@ -292,6 +294,24 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if dist.is_initialized() else 0), world, device
 
 
+def training_step(
+    model: torch.nn.Module,
+    batch: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float,
+    precision: str = "fp32",
+) -> tuple[Tensor, Tensor]:
+    """One optimizer step on `batch`: the loss forward under `precision` ('fp32' or 'bf16', see
+    `precision.resolve_precision`), backward, gradient clipping; returns (loss, gradient norm)."""
+    with autocast(precision, next(model.parameters()).device):
+        loss = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), grad_norm
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run training as configured; returns a summary (best score, steps, wall time)."""
     from diffusers.optimization import get_scheduler
@@ -337,6 +357,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         policy.parameters(), power=float(cfg.train.ema.power), decay=float(cfg.train.ema.max_decay)
     )
     ema_policy = DenoisingPolicy(config, obs_spec, store.spec.keys["action"], normalizer).to(device)
+    precision = resolve_precision(str(cfg.train.precision), device)
 
     step = 0
     if cfg.resume and (out / "last" / "training_state.safetensors").exists():
@@ -368,7 +389,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"robomosaic-train: {cfg.task.name} {config['network']}/{cfg.flow.process.name}, "
             f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
             f"{store.n_episodes} episodes ({len(train_eps)} train / {len(val_eps)} val), "
-            f"{len(loader.dataset)} windows, device {device}, {world} process(es)"
+            f"{len(loader.dataset)} windows, device {device} ({precision}), {world} process(es)"
         )
     topk = TopK(out, int(cfg.train.top_k)) if is_main else None
     batches = forever(loader)
@@ -380,11 +401,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     while step < steps:
         policy.train()
         batch = to_device(next(batches), device)
-        loss = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), float(cfg.train.grad_clip))
-        optimizer.step()
+        loss, grad_norm = training_step(model, batch, optimizer, float(cfg.train.grad_clip), precision)
         scheduler.step()
         ema.step(policy.parameters())
         step += 1
@@ -405,7 +422,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         if is_main and (evaluate_now or step % int(cfg.train.checkpoint_every) == 0 or step == steps):
             ema.copy_to(ema_policy.parameters())
-            ema_policy.eval()
+            ema_policy.eval().use_backend("auto")  # new weights: the fast path is exported again
             if evaluate_now:
                 val_loss = validation_loss(ema_policy, store, obs_keys, val_eps, cfg, device)
                 score = rollout_success(ema_policy, cfg, task_set)

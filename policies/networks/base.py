@@ -24,6 +24,10 @@ from torch import Tensor, nn
 class DenoiserNetwork(nn.Module):
     """Base of the denoiser networks: the two hooks the policy calls, with neutral defaults."""
 
+    # Whether the forward traces into a static graph for the fast inference path (fast_network);
+    # a network whose forward branches on data (MoDE's routing and expert cache) says False.
+    onnx_exportable = True
+
     @contextlib.contextmanager
     def sampling(self) -> Iterator[None]:
         """Wraps one sampling run (every denoising step of a chunk). A network may use it to

@@ -248,6 +248,8 @@ class ModeDenoiser(ChunkTransformer):
     a schedule longer than the cache re-routes at every step).
     """
 
+    onnx_exportable = False  # top-k routing and the expert cache branch on data
+
     def __init__(
         self,
         action_dim: int,

@@ -38,8 +38,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Helpers that other benchmarks start in a LeRobot venv or as worker processes are not benchmarks.
+BENCH_HELPERS = bench/lerobot_fixture.py bench/lerobot_read.py $(wildcard bench/*_worker.py)
 bench: setup
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in $(filter-out $(BENCH_HELPERS),$(wildcard bench/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

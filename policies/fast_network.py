@@ -81,12 +81,16 @@ class OnnxNetwork:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Spinning workers fight torch's own OpenMP threads for the cores between network calls:
+        # with spinning, a 2-thread session won the probe and then ran the small U-Net's chunks
+        # 2.3x slower than a 1-thread one (26.6 vs 11.5 ms on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def _fastest(self, sessions: dict, example: tuple[Tensor, ...]) -> int:
         """The thread count whose session runs a batch-1 call fastest (median of 7 after 3 warm-up
-        calls). Measured, not assumed: splitting a small network's tiny ops over two threads was
-        measured 2.2x slower than one thread on a 2-core machine, while a 63.5M U-Net gains."""
+        calls). Measured, not assumed: a small network's tiny ops gain nothing from a second thread,
+        a 63.5M U-Net does."""
         if len(sessions) == 1:
             return next(iter(sessions))
         feeds = self._feeds(*example)

@@ -12,7 +12,7 @@ from torch import nn
 from robomosaic.policies.checkpoint import load_policy
 from robomosaic.policies.denoising_policy import DenoisingPolicy
 from robomosaic.policies.fast_network import OnnxNetwork
-from robomosaic.policies.networks.base import DenoiserNetwork, register_network
+from robomosaic.policies.networks.base import NETWORKS, DenoiserNetwork, register_network
 from robomosaic.policies.precision import bf16_supported, resolve_precision
 from robomosaic.policies.train import training_step
 from tests.test_evaluate import lift_state_obs, tiny_policy
@@ -106,13 +106,19 @@ class HostRoundTrip(DenoiserNetwork):
         return scale * self.out(torch.cat([x, cond[:, None].expand(-1, x.shape[1], -1)], dim=-1))
 
 
-@register_network("host_round_trip")
-def build_host_round_trip(action_dim, cond_dim, horizon, noise_scale, **section):
-    return HostRoundTrip(action_dim, cond_dim)
+@pytest.fixture
+def host_round_trip_registered():
+    """Registered for one test only: every registered network adds its section to policy configs,
+    and checkpoints saved by later tests must load in processes that never registered it."""
+    register_network("host_round_trip")(
+        lambda action_dim, cond_dim, *_, **__: HostRoundTrip(action_dim, cond_dim)
+    )
+    yield
+    NETWORKS.pop("host_round_trip")
 
 
 @pytest.mark.parametrize("network", ["host_round_trip", "mode"])
-def test_fast_path_that_cannot_be_built_falls_back_and_says_so(caplog, network):
+def test_fast_path_that_cannot_be_built_falls_back_and_says_so(caplog, host_round_trip_registered, network):
     source = tiny_policy()
     config = {**source.config, "network": network}
     if network == "mode":

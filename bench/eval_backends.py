@@ -20,6 +20,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from report import publish
+
 from robomosaic.policies.evaluate import evaluate
 from robomosaic.sim.measure_experts import machine, wilson_interval
 
@@ -82,7 +84,6 @@ def main() -> None:
         f"wall time eager / fast: {eager[1] / fast[1]:.2f}x; chunk prediction {eager[2] / fast[2]:.2f}x; "
         f"{differ} of {args.episodes} episodes ended differently"
     )
-    print(table, summary, sep="\n")
     text = f"""# Lift evaluation: fast inference path vs eager PyTorch
 
 - date: {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -98,9 +99,7 @@ def main() -> None:
 {summary}. "chunk prediction" sums the wall time of every `predict_chunk` call (inference runs in
 the evaluating process while the simulator workers wait for actions, so it adds to the wall time).
 """
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(text)
-    print(f"wrote {args.results}")
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

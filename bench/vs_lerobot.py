@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from lerobot_roundtrip import lerobot_python
+from report import publish
 
 from robomosaic.policies.precision import bf16_supported
 from robomosaic.sim.measure_experts import machine
@@ -472,9 +473,7 @@ def main() -> None:
     command = shlex.join([".venv/bin/python", *sys.argv])
     run = Run(command, started, load_before, load_after, time.perf_counter() - t0, version_line, floors,
               infer, train, contexts)  # fmt: skip
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(report(run))
-    print(f"wrote {args.results}")
+    publish(report(run), args.results)
 
 
 if __name__ == "__main__":

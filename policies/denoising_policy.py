@@ -21,8 +21,9 @@ are about to change) until `use_backend("auto")`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from robomosaic.policies.fast_network import OnnxNetwork, build_fast_network
 from robomosaic.policies.inference import ActionSpace, BoundDenoiser, history_batch, sample_chunk
 from robomosaic.policies.networks import NETWORKS, build_network
 from robomosaic.policies.noise import Denoiser, make_process
+from robomosaic.policies.samplers import RowGenerators
 
 # What each process feeds the network as its noise input, and the scale that spreads it over the
 # range the sinusoidal embedding resolves well (DDPM timesteps are already 0..T-1).
@@ -198,7 +200,9 @@ class DenoisingPolicy(nn.Module):
     def bind(self, obs: Mapping[str, Tensor], name: str = "policy") -> BoundDenoiser:
         """This policy's denoiser with a batch of observation histories {key: (B, n_obs_steps, ...)}
         in robot units encoded once (the inference core's unit, `inference.sample_chunk`)."""
-        cond = self.encode(obs)
+        return self._bind_cond(self.encode(obs), name)
+
+    def _bind_cond(self, cond: Tensor, name: str = "policy") -> BoundDenoiser:
         fast = self._fast_denoise(cond)
 
         def denoise(x: Tensor, sigma: Tensor) -> Tensor:
@@ -254,13 +258,44 @@ class DenoisingPolicy(nn.Module):
         c = None
         if committed is not None:
             c = torch.as_tensor(np.asarray(committed, dtype=np.float32), device=device)[None]
-        was_training = self.training
-        self.eval()
-        try:
+        with self._evaluating():
             chunk = self.sample_actions(obs, generator=generator, committed=c)
-        finally:
-            self.train(was_training)
         return chunk[0].cpu().numpy().astype(np.float64)
+
+    def predict_chunks(
+        self,
+        histories: Sequence[Mapping[str, np.ndarray]],
+        committed: Sequence[np.ndarray | None],
+        generators: Sequence[torch.Generator],
+    ) -> list[np.ndarray]:
+        """`predict_chunk` for several histories, each with its own noise stream: equal, bit for
+        bit, to calling it on each one. One batched sampling run where that holds: the fast path
+        (ONNX Runtime's kernels give every row the same result whatever the batch; eager
+        PyTorch's do not, by ~1e-6) without committed actions (their guidance takes gradients,
+        on eager). Each history is encoded on its own, which keeps the condition bit-identical.
+        Otherwise one `predict_chunk` call each."""
+        if len(histories) > 1 and all(c is None for c in committed):
+            device = next(self.parameters()).device
+            with self._evaluating(), torch.no_grad():
+                rows = [history_batch(h, self.encoder.obs_keys, self.n_obs_steps, device) for h in histories]
+                cond = torch.cat([self.encode(obs) for obs in rows])
+                if self._fast_denoise(cond) is not None:
+                    chunks = sample_chunk(self._bind_cond(cond), generator=RowGenerators(generators))
+                    return list(chunks.cpu().numpy().astype(np.float64))
+        return [self.predict_chunk(h, c, g) for h, c, g in zip(histories, committed, generators, strict=True)]
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Inference mode for the duration (the training flag restored after); switching modes walks
+        every submodule, so it is done only when needed."""
+        was_training = self.training
+        if was_training:
+            self.eval()
+        try:
+            yield
+        finally:
+            if was_training:
+                self.train(True)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def spec_dict(self) -> dict[str, Any]:

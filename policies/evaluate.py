@@ -35,10 +35,10 @@ from robomosaic.data.multitask import TaskSet
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.checkpoint import CheckpointError, load_policy
 from robomosaic.policies.executor import Blend
-from robomosaic.policies.rollout import ChunkPolicy, ExecutorPolicy
+from robomosaic.policies.rollout import ChunkPolicy, ExecutorPolicy, warm_up
 from robomosaic.sim.measure_experts import machine, wilson_interval
 from robomosaic.sim.tasks import TASKS, TaskSpec, make_task
-from robomosaic.sim.vector import EpisodeResult, run_episodes
+from robomosaic.sim.vector import EpisodeResult, VectorTask, episodes_on
 from robomosaic.sim.video import write_mp4
 
 MIN_SEED_OFFSET = 100_000
@@ -121,6 +121,7 @@ def evaluate(
     task_set: TaskSet | None = None,
     record_store: str | Path | None = None,
     backend: str = "auto",
+    asynchronous: bool = True,
 ) -> dict[str, Any]:
     """Run `episodes` episodes (seeds seed_offset + i) through `ExecutorPolicy`; a json-ready summary.
 
@@ -129,7 +130,8 @@ def evaluate(
     task's observation adapted by its task set, and needs `task=` one of its tasks.
     `record_store`: also write every episode (observations, actions, rewards, states) into a new store
     there, as robomosaic-collect records demonstrations. `backend` is a checkpoint's inference
-    backend ("auto": the fast path, docs/design.md; "eager": plain PyTorch).
+    backend ("auto": the fast path, docs/design.md; "eager": plain PyTorch). `asynchronous`: the
+    policy works while other environments step (`sim.vector.iter_episodes`; False: lock step).
     `seed` seeds the policy's sampling noise (with each episode's seed). `torch_threads` is torch's
     thread count during the rollouts (restored afterwards; None leaves it): batch-1 inference beside
     simulator workers loses more to contention than it gains from threads (on a 2-core machine
@@ -172,40 +174,47 @@ def evaluate(
         raise EvaluationError("video_episodes > 0 needs a video_dir")
 
     cameras, image_size = cameras_of(policy.obs_spec)
-    spec = task_spec(task, cameras, image_size)
-    adapter = None
-    if task_set is not None:
-        spec = dataclasses.replace(spec, obs=task_set.adapt_spec(spec.obs))
-        adapter = functools.partial(task_set.adapt, task=task)
-    check_spec(policy, spec)  # before any worker starts
-    try:
-        runner = ExecutorPolicy(
-            policy,
-            spec,
-            blend=blend,
-            n_action_steps=n_action_steps,
-            inference_delay=inference_delay,
-            seed=seed,
-            obs_adapter=adapter,
-        )
-    except ValueError as e:  # blend, n_action_steps or inference_delay out of range
-        raise EvaluationError(str(e)) from None
     seeds = [seed_offset + i for i in range(episodes)]
-    common = {"n_envs": workers, "cameras": cameras, "image_size": image_size, "max_steps": max_steps,
-              "record": record_store is not None}  # fmt: skip
-    results: list[EpisodeResult] = []
     threads = torch.get_num_threads()
-    if torch_threads is not None:
-        torch.set_num_threads(torch_threads)
+    # The workers build their tasks (a second or two each) while this process warms the policy up.
+    vec = VectorTask(task, min(workers, episodes), cameras, image_size, max_steps)
     try:
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        warm_up(policy)
+        spec = vec.spec
+        adapter = None
+        if task_set is not None:
+            spec = dataclasses.replace(spec, obs=task_set.adapt_spec(spec.obs))
+            adapter = functools.partial(task_set.adapt, task=task)
+        check_spec(policy, spec)  # before any episode starts
+        try:
+            runner = ExecutorPolicy(
+                policy,
+                spec,
+                blend=blend,
+                n_action_steps=n_action_steps,
+                inference_delay=inference_delay,
+                seed=seed,
+                obs_adapter=adapter,
+            )
+        except ValueError as e:  # blend, n_action_steps or inference_delay out of range
+            raise EvaluationError(str(e)) from None
+        common = {"record": record_store is not None, "progress": progress, "asynchronous": asynchronous}
+        results: list[EpisodeResult] = []
         if video_episodes:
-            results += run_episodes(
-                task, seeds[:video_episodes], runner, video_camera=VIDEO_CAMERA, video_size=video_size,
-                progress=progress, **common,
-            )  # fmt: skip
+            results += episodes_on(
+                vec,
+                seeds[:video_episodes],
+                runner,
+                video_camera=VIDEO_CAMERA,
+                video_size=video_size,
+                **common,
+            )
         if episodes > video_episodes:
-            results += run_episodes(task, seeds[video_episodes:], runner, progress=progress, **common)
+            results += episodes_on(vec, seeds[video_episodes:], runner, **common)
     finally:
+        vec.close()
         torch.set_num_threads(threads)
     check_some_chunk_finite(
         results, runner, f"{checkpoint['path'] if checkpoint else 'the policy'} on {task}"
@@ -232,6 +241,7 @@ def evaluate(
             "cameras": list(cameras),
             "torch_threads": torch.get_num_threads() if torch_threads is None else torch_threads,
             "backend": backend,
+            "asynchronous": asynchronous,
         },
         **summary,
         "videos": videos,
@@ -408,6 +418,7 @@ def main(argv: list[str]) -> None:
             progress=cfg.progress,
             record_store=recorded,
             backend=cfg.backend,
+            asynchronous=cfg.asynchronous,
         )
         print(summary_table(results[name]))
         if recorded is not None:

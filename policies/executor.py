@@ -263,16 +263,13 @@ class ChunkExecutor:
     # -- one control period -------------------------------------------------------------------
     def act(self, now: float) -> tuple[np.ndarray, str]:
         """The action for time `now` and a status: `ok`, or `hold:<reason>`."""
-        cfg = self.config
         self.stats.steps += 1
         self._collect(now)
-        if self.last_stamp is None:
-            return self._hold("no_observation")
-        if now - self.last_stamp > cfg.max_obs_age + 1e-9:
+        reason = self._hold_reason(now)
+        if reason == "stale_observation":
             self.chunks = []  # the plan was made for a world that may have moved on: never resume it
-            return self._hold("stale_observation")
-        if self.newest_rejected:
-            return self._hold("nonfinite_observation")
+        if reason is not None:
+            return self._hold(reason)
         if self._needs_chunk(now):
             self._request(now)
             self._collect(now)  # a result may be ready at once (no simulated delay)
@@ -282,6 +279,15 @@ class ChunkExecutor:
         self.last_action = action
         return action, "ok"
 
+    def next_request(self, now: float) -> tuple[Obs, np.ndarray | None] | None:
+        """The (history, committed) that `act(now)` will submit, or None if it submits nothing.
+        Lets a caller that drives several executors compute their chunks in one batch before
+        calling `act` (policies/rollout.py); changes nothing that `act(now)` would not."""
+        self._collect(now)
+        if self._hold_reason(now) is not None or not self._needs_chunk(now):
+            return None
+        return self._request_inputs(now)
+
     def close(self) -> None:
         self.runner.close()
 
@@ -289,6 +295,15 @@ class ChunkExecutor:
     def _hold(self, reason: str) -> tuple[np.ndarray, str]:
         self.stats.held[reason] = self.stats.held.get(reason, 0) + 1
         return np.asarray(self.hold(self.last_action), dtype=np.float64), f"hold:{reason}"
+
+    def _hold_reason(self, now: float) -> str | None:
+        if self.last_stamp is None:
+            return "no_observation"
+        if now - self.last_stamp > self.config.max_obs_age + 1e-9:
+            return "stale_observation"
+        if self.newest_rejected:
+            return "nonfinite_observation"
+        return None
 
     def _collect(self, now: float) -> None:
         result = self.runner.poll(now)
@@ -327,9 +342,12 @@ class ChunkExecutor:
             return True
         return now - self.last_request >= self.config.n_action_steps * self.config.dt - 1e-9
 
-    def _request(self, now: float) -> None:
+    def _request_inputs(self, now: float) -> tuple[Obs, np.ndarray | None]:
         history = {k: np.stack([o[k] for o in self.history]) for k in self.history[-1]}
-        committed = self._committed(now) if self.config.blend == "rtc" else None
+        return history, self._committed(now) if self.config.blend == "rtc" else None
+
+    def _request(self, now: float) -> None:
+        history, committed = self._request_inputs(now)
         self._request_stamp = float(self.last_stamp)
         self.last_request = now
         self._late_flagged = False

@@ -31,6 +31,7 @@ from robomosaic.policies.noise import NoiseProcess
 from robomosaic.policies.samplers import (
     OPERATORS,
     Composition,
+    Generator,
     Guidance,
     GuidedInpainting,
     Inpainting,
@@ -161,7 +162,7 @@ def sample_chunk(
     corrector_steps: int = 0,
     steps: int | None = None,
     sampler: str | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     noise: Tensor | None = None,
 ) -> Tensor:
     """Action chunks (B, horizon, action_dim) in robot units.

@@ -10,9 +10,10 @@ whatever this machine's speed: evaluation in simulation runs the code a robot ru
 Every episode samples from a torch.Generator seeded from (seed, episode seed), so a result depends
 on the episode's seed only, not on the number of workers or the order episodes finish in.
 
-Inference is not batched across environments: the executor requests a chunk inside `act`, and a
-batched call is not bit-identical to per-environment calls on CPU (other kernels, other summation
-order), which would make a result depend on which environments happened to replan together.
+The environments that replan in the same step get their chunks from one `predict_chunks` call
+(a policy without one is called once per environment). A policy batches only where the batch is bit
+for bit equal to the separate calls (`DenoisingPolicy.predict_chunks`): which environments happen to
+replan together depends on the number of workers, and an episode's result must not.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class ExecutorPolicy:
         self.steps: dict[int, int] = {}
         self.current: dict[int, EpisodeStats] = {}
         self.generators: dict[int, torch.Generator] = {}
+        self.prefetched: dict[int, np.ndarray] = {}  # chunks computed by `_prefetch` for this step
         self.episode_stats: dict[int, EpisodeStats] = {}  # by episode seed
 
     def reset(self, env_index: int, obs: Obs, seed: int) -> None:
@@ -146,28 +148,65 @@ class ExecutorPolicy:
             )
         executor = self.executors[env_index]
         executor.reset()
+        self.prefetched.pop(env_index, None)
         self.steps[env_index] = 0
         self.generators[env_index] = episode_generator(self.seed, seed)
         # The executor replaces its stats object at reset; this one fills as the episode runs.
         self.current[env_index] = self.episode_stats[int(seed)] = EpisodeStats(int(seed), executor.stats)
 
     def act(self, obs: Sequence[Obs], env_indices: Sequence[int]) -> np.ndarray:
-        actions = np.empty((len(env_indices), self.action_dim))
-        for row, (o, i) in enumerate(zip(obs, env_indices, strict=True)):
-            executor = self.executors[i]
-            now = self.steps[i] / self.config.control_hz
+        times = [self.steps[i] / self.config.control_hz for i in env_indices]
+        for o, i, now in zip(obs, env_indices, times, strict=True):
             if self.obs_adapter is not None:
                 o = self.obs_adapter(o)
-            executor.observe({k: o[k] for k in self.obs_keys}, now)
-            actions[row], _ = executor.act(now)
+            self.executors[i].observe({k: o[k] for k in self.obs_keys}, now)
+        self._prefetch(env_indices, times)
+        actions = np.empty((len(env_indices), self.action_dim))
+        for row, (i, now) in enumerate(zip(env_indices, times, strict=True)):
+            actions[row], _ = self.executors[i].act(now)
             self.steps[i] += 1
         return actions
 
+    def _prefetch(self, env_indices: Sequence[int], times: Sequence[float]) -> None:
+        """The chunks that this step's `act` calls will request, computed in one batch."""
+        requests = {}
+        for i, now in zip(env_indices, times, strict=True):
+            request = self.executors[i].next_request(now)
+            if request is not None:
+                requests[i] = request
+        if not requests:
+            return
+        start = time.perf_counter()
+        histories, committed = zip(*requests.values(), strict=True)
+        generators = [self.generators[i] for i in requests]
+        predict_chunks = getattr(self.policy, "predict_chunks", None)
+        if predict_chunks is not None:
+            chunks = predict_chunks(list(histories), list(committed), generators)
+        else:
+            chunks = [
+                self.policy.predict_chunk(h, c, generator=g)
+                for h, c, g in zip(histories, committed, generators, strict=True)
+            ]
+        # Each environment is charged the batch's wall time: what its chunk cost to wait for.
+        seconds = time.perf_counter() - start
+        for i, chunk in zip(requests, chunks, strict=True):
+            self.prefetched[i] = chunk
+            self.current[i].inference_seconds.append(seconds)
+
     def _predictor(self, env_index: int):
         def predict(history: Obs, committed: np.ndarray | None) -> np.ndarray:
-            start = time.perf_counter()
-            chunk = self.policy.predict_chunk(history, committed, generator=self.generators[env_index])
-            self.current[env_index].inference_seconds.append(time.perf_counter() - start)
-            return chunk
+            # `ChunkExecutor.next_request` foresaw this request: `_prefetch` computed its chunk.
+            return self.prefetched.pop(env_index)
 
         return predict
+
+
+def warm_up(policy: ChunkPolicy) -> None:
+    """Predict one throwaway chunk from an all-zero history, so that the first real request does not
+    wait for what is built on first use (the fast path's export: 0.3-2 s). Call it with the torch
+    thread count that inference will run with (the fast path is rebuilt when that changes)."""
+    history = {
+        key: np.zeros((policy.n_obs_steps, *spec.shape), dtype=spec.dtype)
+        for key, spec in policy.obs_spec.items()
+    }
+    policy.predict_chunk(history, None, generator=torch.Generator().manual_seed(0))

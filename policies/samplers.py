@@ -44,6 +44,32 @@ OnStep = Callable[[Tensor, Tensor, int], Tensor]
 """``on_step(x, sigma, step) -> x``: called with the state at its new sigma after each step."""
 
 
+class RowGenerators:
+    """One `torch.Generator` per batch row. Every draw of a sampling run takes row k's numbers from
+    generator k, exactly what a batch-1 run on generator k draws, so a batch sampled with these
+    equals its rows sampled one by one: evaluation batches the environments that replan together
+    without changing any episode (policies/rollout.py)."""
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = list(generators)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+
+Generator = torch.Generator | RowGenerators | None
+
+
+def randn(shape: Sequence[int], generator: Generator, dtype: torch.dtype, device: Any) -> Tensor:
+    """N(0, I) of `shape` from a generator, or row by row from `RowGenerators`."""
+    if not isinstance(generator, RowGenerators):
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+    if shape[0] != len(generator):
+        raise ValueError(f"{len(generator)} row generators for a batch of {shape[0]}")
+    rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generator.generators]
+    return torch.stack(rows).to(device)
+
+
 class Composition:
     """Weighted mean of several denoisers' x0_hat at the same (x, sigma): a convex combination of
     their scores. ``allow_negative=True`` admits negative weights (still summing to 1), the
@@ -104,7 +130,7 @@ class Mixture:
         denoisers: Sequence[Denoiser],
         weights: Sequence[float],
         batch: int,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
     ):
         if len(weights) != len(denoisers) or not denoisers:
             raise ValueError(f"got {len(weights)} weights for {len(denoisers)} denoisers")
@@ -112,7 +138,11 @@ class Mixture:
             raise ValueError(f"mixture weights {list(weights)} must be >= 0 and sum to 1")
         self.denoisers = list(denoisers)
         probs = torch.tensor([float(w) for w in weights], dtype=torch.float64)
-        self.choice = torch.multinomial(probs, batch, replacement=True, generator=generator)
+        if isinstance(generator, RowGenerators):
+            rows = [torch.multinomial(probs, 1, generator=g) for g in generator.generators]
+            self.choice = torch.cat(rows)
+        else:
+            self.choice = torch.multinomial(probs, batch, replacement=True, generator=generator)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
         choice = self.choice.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
@@ -137,7 +167,7 @@ class LangevinCorrector:
         denoiser: Denoiser,
         steps: int,
         step_size: float = 0.1,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
     ):
         if steps < 0 or not 0 < step_size < 1:
             raise ValueError(f"corrector steps={steps} must be >= 0 and step_size={step_size} in (0, 1)")
@@ -149,7 +179,7 @@ class LangevinCorrector:
         s = expand_sigma(sigma, x)
         for _ in range(self.steps):
             x0_hat = self.denoiser(x, sigma, None)
-            z = torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
+            z = randn(x.shape, self.generator, x.dtype, x.device)
             x = x + self.step_size * (x0_hat - x) + math.sqrt(2 * self.step_size) * s * z
         return x
 
@@ -202,13 +232,13 @@ class Inpainting:
     The two can be combined to also get the known part exactly. The noise draw is kept by the
     object: make one per ``sample`` call."""
 
-    def __init__(self, mask: Tensor, known: Tensor, generator: torch.Generator | None = None):
+    def __init__(self, mask: Tensor, known: Tensor, generator: Generator = None):
         self.mask, self.known, self.generator = mask.bool(), known, generator
         self._noise: Tensor | None = None
 
     def __call__(self, x: Tensor, sigma: Tensor, step: int) -> Tensor:
         if self._noise is None or self._noise.shape != x.shape:
-            self._noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
+            self._noise = randn(x.shape, self.generator, x.dtype, x.device)
         noisy_known = self.known.to(x) + expand_sigma(sigma, x) * self._noise
         return torch.where(self.mask.to(x.device), noisy_known, x)
 
@@ -271,7 +301,7 @@ def sample(
     on_step: OnStep | None = None,
     eta: float = 0.0,
     sigmas: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     noise: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
@@ -294,7 +324,7 @@ def sample(
     if sigmas.ndim != 1 or len(sigmas) < 2 or bool((sigmas[1:] >= sigmas[:-1]).any()) or sigmas[-1] < 0:
         raise ValueError(f"sigmas must be a strictly decreasing 1-D schedule >= 0, got {sigmas.tolist()}")
     if noise is None:
-        noise = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+        noise = randn(shape, generator, dtype, device)
     elif tuple(noise.shape) != tuple(shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
     x = process.prior_scale(sigmas[0]).item() * noise
@@ -336,7 +366,7 @@ def _ode_step(
 
 
 def _ddim_step(
-    x: Tensor, x0_hat: Tensor, s: Tensor, s_next: Tensor, eta: float, generator: torch.Generator | None
+    x: Tensor, x0_hat: Tensor, s: Tensor, s_next: Tensor, eta: float, generator: Generator
 ) -> Tensor:
     eps = (x - x0_hat) / expand_sigma(s, x)
     if eta == 0:
@@ -344,5 +374,5 @@ def _ddim_step(
     # DDIM's sigma_t (Song et al. eq. 16) in VP, divided by sqrt(alpha_bar_prev), is this VE std.
     s_up = (eta * s_next * (s**2 - s_next**2).clamp(min=0).sqrt() / s).clamp(max=s_next)
     s_down = (s_next**2 - s_up**2).clamp(min=0).sqrt()
-    z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    z = randn(x.shape, generator, x.dtype, x.device)
     return x0_hat + expand_sigma(s_down, x) * eps + expand_sigma(s_up, x) * z

@@ -1,4 +1,4 @@
-"""Vectorized rollouts: one `Task` per worker process, driven in lock step from the parent.
+"""Vectorized rollouts: one `Task` per worker process, driven from the parent.
 
     with VectorTask("lift", n_envs=2) as vec:
         obs = vec.reset([0, 1])                              # list of observation dicts
@@ -6,9 +6,10 @@
 
     results = run_episodes("lift", seeds=range(100), policy=ExpertPolicy("lift"), n_envs=2)
 
-Workers are started with the 'spawn' context (safe with torch and MuJoCo, which must not be
-forked after initialisation) and talk to the parent over pipes. A failure inside a worker is
-re-raised in the parent as `WorkerError` carrying the worker's traceback, the task and the seed.
+Workers are fresh Python processes (never forked: torch and MuJoCo must not be forked after
+initialisation) that import only the simulator and talk to the parent over sockets. A failure
+inside a worker is re-raised in the parent as `WorkerError` carrying the worker's traceback, the
+task and the seed.
 With `n_envs=1` the task runs in the parent process (no workers), which is what tests and
 debuggers want; both paths share `_execute`, so they behave the same.
 
@@ -19,7 +20,12 @@ so a neural policy can batch its inference; see `Policy`.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -80,13 +86,22 @@ def _worker(conn: Connection, task_kwargs: dict[str, Any]) -> None:
 
 
 class _ProcessEnv:
-    """A task living in a worker process."""
+    """A task living in a worker process: `python -m robomosaic.sim.vector <socket fd>`.
 
-    def __init__(self, ctx: mp.context.BaseContext, task_kwargs: dict[str, Any]) -> None:
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker, args=(child, task_kwargs), daemon=True)
-        self.process.start()
-        child.close()
+    Started as a plain subprocess rather than by multiprocessing's spawn, which imports the parent's
+    `__main__` module in every worker: for the console scripts (robomosaic-eval, robomosaic-train)
+    that is torch and the whole policy stack, 1.7 s of CPU per worker, as much as the task itself
+    takes to build. The worker imports only the simulator, and talks over a socket pair with
+    multiprocessing's `Connection` (pickled messages)."""
+
+    def __init__(self, task_kwargs: dict[str, Any]) -> None:
+        mine, theirs = socket.socketpair()
+        with theirs:
+            fd = theirs.fileno()
+            command = [sys.executable, "-m", "robomosaic.sim.vector", str(fd)]
+            self.process = subprocess.Popen(command, pass_fds=[fd])
+        self.conn = Connection(mine.detach())
+        self.conn.send(task_kwargs)
 
     def send(self, command: str, args: tuple = ()) -> None:
         self.conn.send((command, args))
@@ -94,17 +109,24 @@ class _ProcessEnv:
     def receive(self) -> tuple[str, Any]:
         try:
             return self.conn.recv()
-        except EOFError:
-            return "error", f"worker process exited unexpectedly (exit code {self.process.exitcode})"
+        except (EOFError, ConnectionResetError):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=1)
+            return "error", f"worker process exited unexpectedly (exit code {self.process.returncode})"
 
-    def close(self) -> None:
-        if self.process.is_alive():
+    def request_close(self) -> None:
+        """Ask the worker to exit (`close` waits for it): all workers of a VectorTask exit at once."""
+        if self.process.poll() is None:
             with contextlib.suppress(BrokenPipeError, OSError):
                 self.conn.send(("close", ()))
-            self.process.join(timeout=10)
-        if self.process.is_alive():
+
+    def close(self) -> None:
+        self.request_close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        if self.process.poll() is None:
             self.process.terminate()
-            self.process.join(timeout=5)
+            self.process.wait(timeout=5)
         self.conn.close()
 
 
@@ -151,15 +173,37 @@ class VectorTask:
         kwargs = {"name": task_name, "cameras": tuple(cameras), "image_size": image_size}
         kwargs["max_steps"] = max_steps
         self._envs: list[_ProcessEnv | _LocalEnv] = []
+        self._started = in_process
+        self._spec: TaskSpec | None = None
         try:
             if in_process:
                 self._envs.append(_LocalEnv(kwargs))
             else:
-                ctx = mp.get_context("spawn")
-                self._envs = [_ProcessEnv(ctx, kwargs) for _ in range(n_envs)]
-                for i, env in enumerate(self._envs):
-                    self._check(i, env.receive(), "starting")
-            self.spec: TaskSpec = self._call("spec", [()] * n_envs, range(n_envs))[0]
+                self._envs = [_ProcessEnv(kwargs) for _ in range(n_envs)]
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def in_process(self) -> bool:
+        return any(isinstance(env, _LocalEnv) for env in self._envs)
+
+    @property
+    def spec(self) -> TaskSpec:
+        """The task's spec (from environment 0): the first use waits for the workers to start."""
+        if self._spec is None:
+            self._spec = self._call("spec", [()], [0])[0]
+        return self._spec
+
+    def _wait_started(self) -> None:
+        """Workers build their tasks in the background (a second or two each): the constructor
+        returns at once, so a caller can load its policy meanwhile; the first command waits here."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            for i, env in enumerate(self._envs):
+                self._check(i, env.receive(), "starting")
         except BaseException:
             self.close()
             raise
@@ -202,6 +246,9 @@ class VectorTask:
     def close(self) -> None:
         envs, self._envs = getattr(self, "_envs", []), []
         for env in envs:
+            if isinstance(env, _ProcessEnv):
+                env.request_close()
+        for env in envs:
             env.close()
 
     def __enter__(self) -> VectorTask:
@@ -228,6 +275,7 @@ class VectorTask:
         indices = list(indices)
         if not self._envs:
             raise RuntimeError(f"VectorTask({self.task_name!r}) is closed")
+        self._wait_started()
         for i, a in zip(indices, args, strict=True):
             self._envs[i].send(command, a)
         replies = [self._envs[i].receive() for i in indices]  # drain every pipe before raising
@@ -299,6 +347,22 @@ class _Running:
     steps: list[dict[str, Any]] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
 
+    def advance(
+        self,
+        obs: Obs,
+        action: np.ndarray,
+        reward: float,
+        state: np.ndarray | None,
+        frame: np.ndarray | None,
+        record: bool,
+    ) -> None:
+        """One step taken: `action` chosen on `obs` (at simulator `state`), then `frame` rendered."""
+        self.length += 1
+        if record:
+            self.steps.append({**obs, "action": action, "reward": reward, "state": state})
+        if frame is not None:
+            self.frames.append(frame)
+
 
 def iter_episodes(
     vec: VectorTask,
@@ -308,6 +372,7 @@ def iter_episodes(
     video_camera: str | None = None,
     video_size: int = 128,
     more: Callable[[int], bool] | None = None,
+    asynchronous: bool = False,
 ) -> Iterator[tuple[int, EpisodeResult]]:
     """Run episodes on `vec`'s environments, yielding (index, result) as each one ends.
 
@@ -315,7 +380,20 @@ def iter_episodes(
     while `seeds` has one and `more(number of running episodes)` (if given) allows it: a recorder can
     stop starting episodes once enough have succeeded. `record` keeps the trajectory; `video_camera`
     keeps rendered frames (`video_size` pixels square) of that camera.
+
+    Lock step (the default) steps every running environment, waits for all of them, then asks the
+    policy for all their actions at once (it may batch them). `asynchronous` drives each environment
+    from a thread of its own, so that the policy's work for one environment (its inference releases
+    the GIL) runs while the others step, instead of between their steps. An episode still depends on
+    its seed alone, if the policy keeps environments apart (`ExecutorPolicy` and `ExpertPolicy` do);
+    only which environment runs which seed, and the order results arrive in, vary. With `more`,
+    which seeds are started at all would vary too, so the two cannot be combined.
     """
+    if asynchronous and more is not None:
+        raise ValueError("iter_episodes: `more` needs lock step (asynchronous=False)")
+    if asynchronous and not vec.in_process:  # one environment in this process: nothing to overlap
+        yield from _iter_threaded(vec, seeds, policy, record, video_camera, video_size)
+        return
     running: dict[int, tuple[int, _Running]] = {}  # env index -> (seed index, episode)
     obs: dict[int, Obs] = {}
     drawn = 0
@@ -335,38 +413,98 @@ def iter_episodes(
             return
         indices = [i for i, _, _ in batch]
         first = vec.reset([s for _, _, s in batch], indices)
-        for (i, index, seed), o in zip(batch, first, strict=True):
+        frames = vec.render(video_camera, video_size, indices) if video_camera else [None] * len(batch)
+        for (i, index, seed), o, frame in zip(batch, first, frames, strict=True):
             policy.reset(i, o, seed)
-            running[i] = (index, _Running(seed, time.perf_counter()))
+            running[i] = (index, _Running(seed, time.perf_counter(), frames=[frame] if video_camera else []))
             obs[i] = o
-        if video_camera:
-            for i, frame in zip(indices, vec.render(video_camera, video_size, indices), strict=True):
-                running[i][1].frames.append(frame)
 
     start(list(range(vec.n_envs)))
     while running:
         active = sorted(running)
-        # Actions are stored as float32 (the task's action spec): step with exactly what is recorded.
-        actions = np.asarray(policy.act([obs[i] for i in active], active), dtype=np.float32)
+        actions = _actions(policy, [obs[i] for i in active], active)
         states = vec.get_states(active) if record else [None] * len(active)
         next_obs, rewards, terminated, truncated, infos = vec.step(actions, active)
-        frames = vec.render(video_camera, video_size, active) if video_camera else None
+        frames = vec.render(video_camera, video_size, active) if video_camera else [None] * len(active)
         finished = []
         for k, i in enumerate(active):
-            episode = running[i][1]
-            episode.length += 1
-            if record:
-                step = {**obs[i], "action": actions[k], "reward": rewards[k], "state": states[k]}
-                episode.steps.append(step)
-            if frames is not None:
-                episode.frames.append(frames[k])
+            running[i][1].advance(obs[i], actions[k], rewards[k], states[k], frames[k], record)
             obs[i] = next_obs[k]
             if terminated[k] or truncated[k]:
-                index = running.pop(i)[0]
+                index, episode = running.pop(i)
                 finished.append(i)
                 yield index, _finish(episode, infos[k], record)
         if finished:
             start(finished)
+
+
+def _actions(policy: Policy, obs: Sequence[Obs], env_indices: Sequence[int]) -> np.ndarray:
+    # Actions are stored as float32 (the task's action spec): step with exactly what is recorded.
+    return np.asarray(policy.act(obs, env_indices), dtype=np.float32)
+
+
+def _iter_threaded(
+    vec: VectorTask,
+    seeds: Iterator[int],
+    policy: Policy,
+    record: bool,
+    video_camera: str | None,
+    video_size: int,
+) -> Iterator[tuple[int, EpisodeResult]]:
+    """`iter_episodes(asynchronous=True)`: one thread per environment runs episode after episode
+    (each talks only to its own worker), and this generator yields their results as they end."""
+    vec.spec  # noqa: B018 -- wait for the workers here, not in every thread at once
+    lock, stop = threading.Lock(), threading.Event()
+    done: queue.Queue[tuple[int, EpisodeResult] | BaseException | None] = queue.Queue()
+    drawn = 0
+
+    def next_seed() -> tuple[int, int] | None:
+        nonlocal drawn
+        with lock:
+            seed = None if stop.is_set() else next(seeds, None)
+            if seed is None:
+                return None
+            drawn += 1
+            return drawn - 1, int(seed)
+
+    def episode(i: int, seed: int) -> EpisodeResult:
+        (o,) = vec.reset([seed], [i])
+        policy.reset(i, o, seed)
+        frames = vec.render(video_camera, video_size, [i]) if video_camera else []
+        running = _Running(seed, time.perf_counter(), frames=list(frames))
+        while not stop.is_set():
+            action = _actions(policy, [o], [i])
+            state = vec.get_states([i])[0] if record else None
+            (next_o,), rewards, terminated, truncated, (info,) = vec.step(action, [i])
+            frame = vec.render(video_camera, video_size, [i])[0] if video_camera else None
+            running.advance(o, action[0], rewards[0], state, frame, record)
+            o = next_o
+            if terminated[0] or truncated[0]:
+                return _finish(running, info, record)
+        raise RuntimeError("stopped")
+
+    def run(i: int) -> None:
+        try:
+            while (item := next_seed()) is not None:
+                done.put((item[0], episode(i, item[1])))
+        except BaseException as e:  # re-raised by the generator below
+            done.put(e)
+        finally:
+            done.put(None)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(vec.n_envs)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in threads:
+            while (item := done.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def run_episodes(
@@ -381,23 +519,39 @@ def run_episodes(
     video_camera: str | None = None,
     video_size: int = 128,
     progress: bool = True,
+    asynchronous: bool = True,
 ) -> list[EpisodeResult]:
     """Run one episode per seed on `n_envs` environments, each starting its next seed when done.
 
-    Results come back in the order of `seeds` (see `iter_episodes` for `record` and `video_camera`).
+    Results come back in the order of `seeds` (see `iter_episodes` for `record`, `video_camera`
+    and `asynchronous`, which lets the policy work while other environments step).
     """
-    from tqdm import tqdm
-
     seeds = [int(s) for s in seeds]
     if not seeds:
         return []
-    n_envs = max(1, min(n_envs, len(seeds)))
+    with VectorTask(task_name, max(1, min(n_envs, len(seeds))), cameras, image_size, max_steps) as vec:
+        return episodes_on(vec, seeds, policy, record, video_camera, video_size, progress, asynchronous)
+
+
+def episodes_on(
+    vec: VectorTask,
+    seeds: Sequence[int],
+    policy: Policy,
+    record: bool = False,
+    video_camera: str | None = None,
+    video_size: int = 128,
+    progress: bool = True,
+    asynchronous: bool = True,
+) -> list[EpisodeResult]:
+    """`run_episodes` on environments already started (a caller can start them, then load its
+    policy while they build their tasks, and use them for several batches of seeds)."""
+    from tqdm import tqdm
+
     results: dict[int, EpisodeResult] = {}
-    with (
-        VectorTask(task_name, n_envs, cameras, image_size, max_steps) as vec,
-        tqdm(total=len(seeds), desc=f"{task_name} episodes", disable=not progress) as bar,
-    ):
-        for index, result in iter_episodes(vec, iter(seeds), policy, record, video_camera, video_size):
+    with tqdm(total=len(seeds), desc=f"{vec.task_name} episodes", disable=not progress) as bar:
+        for index, result in iter_episodes(
+            vec, iter(seeds), policy, record, video_camera, video_size, asynchronous=asynchronous
+        ):
             results[index] = result
             bar.update(1)
             bar.set_postfix(success=f"{np.mean([r.success for r in results.values()]):.2f}")
@@ -424,3 +578,14 @@ def _finish(episode: _Running, info: dict[str, Any], record: bool) -> EpisodeRes
 def stack_obs(obs: Sequence[Obs]) -> dict[str, np.ndarray]:
     """A list of observation dicts as one dict of arrays with a leading batch axis."""
     return {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+
+
+if __name__ == "__main__":  # a worker started by `_ProcessEnv`
+    with contextlib.suppress(KeyboardInterrupt, EOFError):
+        connection = Connection(int(sys.argv[1]))
+        _worker(connection, connection.recv())
+    # The task is closed and nothing is left to save: skip the interpreter's teardown of robosuite,
+    # numba and MuJoCo (~0.3 s per worker, which the parent waits for).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

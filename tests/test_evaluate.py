@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
@@ -14,7 +15,14 @@ from robomosaic.data.normalizer import Normalizer
 from robomosaic.data.spec import KeySpec
 from robomosaic.policies.checkpoint import load_policy
 from robomosaic.policies.denoising_policy import DenoisingPolicy
-from robomosaic.policies.evaluate import EvaluationError, evaluate, main, summarize, task_spec
+from robomosaic.policies.evaluate import (
+    EvaluationError,
+    evaluate,
+    load_checkpoint,
+    main,
+    summarize,
+    task_spec,
+)
 from robomosaic.policies.rollout import ExecutorPolicy
 from robomosaic.sim.experts import make_expert
 from robomosaic.sim.measure_experts import wilson_interval
@@ -112,6 +120,36 @@ def test_same_seed_same_actions(checkpoint):
     first, second = (r.trajectory["action"] for r in results)
     assert np.abs(first).max() > 0  # the policy moved the arm: the comparison is not vacuous
     np.testing.assert_array_equal(first, second)
+
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def test_results_do_not_depend_on_workers_batching_or_threads():
+    """One in-process environment, two driven by threads, three in lock step (whose simultaneous
+    replans are batched): the same episodes, action for action, from the trained lift policy."""
+    policy, _ = load_checkpoint(ASSETS / "lift_flow")
+    batch_sizes = collections.Counter()
+    predict_chunks = policy.predict_chunks
+
+    def counting(histories, committed, generators):
+        batch_sizes[len(histories)] += 1
+        return predict_chunks(histories, committed, generators)
+
+    policy.predict_chunks = counting
+    seeds = [1_000_000 + i for i in range(6)]
+    runs = {}
+    for n_envs, asynchronous in [(1, False), (2, True), (3, False)]:
+        runner = ExecutorPolicy(policy, task_spec("lift", (), 84))
+        runs[n_envs] = run_episodes(
+            "lift", seeds, runner, n_envs=n_envs, record=True, progress=False, asynchronous=asynchronous
+        )
+    assert max(batch_sizes) > 1  # lock step on three environments did batch
+    assert sum(r.success for r in runs[1]) >= 4  # real episodes of a trained policy
+    for others in (runs[2], runs[3]):
+        for a, b in zip(runs[1], others, strict=True):
+            assert (a.seed, a.success, a.length) == (b.seed, b.success, b.length)
+            np.testing.assert_array_equal(a.trajectory["action"], b.trajectory["action"])
 
 
 def test_spec_mismatch_and_bad_arguments_are_rejected(tmp_path, checkpoint):

@@ -336,3 +336,17 @@ def test_bad_sampler_arguments_are_named():
         S.sample(MIXTURE_1D, (2, 1, 1), None, 3, process, sigmas=torch.tensor([1.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match="noise has shape"):
         S.sample(MIXTURE_1D, (2, 1, 1), None, 3, process, noise=torch.zeros(3, 1, 1))
+
+
+def test_row_generators_draw_each_row_as_its_own_batch_of_one():
+    def generators():
+        return [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+
+    batch = S.randn((3, 4, 5), S.RowGenerators(generators()), torch.float32, "cpu")
+    for row, g in zip(batch, generators(), strict=True):
+        assert torch.equal(row, torch.randn((1, 4, 5), generator=g)[0])
+    mixture = S.Mixture([lambda x, s, c: x] * 2, [0.5, 0.5], 3, S.RowGenerators(generators()))
+    for choice, g in zip(mixture.choice, generators(), strict=True):
+        assert choice == torch.multinomial(torch.tensor([0.5, 0.5], dtype=torch.float64), 1, generator=g)
+    with pytest.raises(ValueError, match="3 row generators for a batch of 2"):
+        S.randn((2, 4, 5), S.RowGenerators(generators()), torch.float32, "cpu")

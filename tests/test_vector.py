@@ -42,9 +42,35 @@ def test_worker_error_names_task_and_seed():
         assert len(states) == 2 and states[0].ndim == 1
 
 
+class FailingExpert(ExpertPolicy):
+    """The lift expert, failing in the third step of seed 1."""
+
+    def act(self, obs, env_indices):
+        self.calls = getattr(self, "calls", {})
+        for i in env_indices:
+            self.calls[i] = self.calls.get(i, 0) + 1
+            if self.seeds[i] == 1 and self.calls[i] == 3:
+                raise RuntimeError("policy failed on seed 1")
+        return super().act(obs, env_indices)
+
+    def reset(self, env_index, obs, seed):
+        self.seeds = {**getattr(self, "seeds", {}), env_index: seed}
+        self.calls = {**getattr(self, "calls", {}), env_index: 0}
+        super().reset(env_index, obs, seed)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_policy_error_stops_the_rollout_in_either_mode(asynchronous):
+    with pytest.raises(RuntimeError, match="policy failed on seed 1"):
+        policy = FailingExpert("lift")
+        run_episodes("lift", SEEDS, policy, n_envs=2, progress=False, asynchronous=asynchronous)
+
+
 def test_worker_start_failure_is_reported():
+    """Workers build their tasks in the background; the first command reports a failure."""
+    vec = VectorTask("no_such_task", n_envs=2)
     with pytest.raises(WorkerError, match=r"(?s)no_such_task.*starting.*KeyError"):
-        VectorTask("no_such_task", n_envs=2)
+        vec.reset([0, 1])
 
 
 def test_video_of_a_rollout(tmp_path):

@@ -105,24 +105,24 @@ def naive_sample(
         return policy.normalizer.unnormalize(x, "action")
 
 
-def paired_median_ms(
-    fns: tuple[Callable[[], Any], Callable[[], Any]], budget_s: float, max_repeats: int = 30
-) -> tuple[float, float, int]:
-    """Median wall times (ms) of two functions timed alternately (so load changes hit both alike)
+def interleaved_median_ms(
+    fns: tuple[Callable[[], Any], ...], budget_s: float, max_repeats: int = 30
+) -> tuple[list[float], int]:
+    """Median wall times (ms) of several functions timed in turn (so load changes hit all alike)
     after one warm-up call each. Repeats fit in `budget_s`: at least 3 unless one call takes > 5 s."""
     warm = 0.0
     for fn in fns:
         t0 = time.perf_counter()
         fn()
         warm = max(warm, time.perf_counter() - t0)
-    repeats = 1 if warm > 5.0 else max(3, min(max_repeats, int(budget_s / (2 * warm))))
-    times: tuple[list[float], list[float]] = ([], [])
+    repeats = 1 if warm > 5.0 else max(3, min(max_repeats, int(budget_s / (len(fns) * warm))))
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times, strict=True):
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1]), repeats
+    return [1e3 * statistics.median(ts) for ts in times], repeats
 
 
 def copy_bandwidth(n_bytes: int = 512 * 2**20) -> float:
@@ -152,6 +152,7 @@ class Row:
     repeats: int
     floor_ms: float
     naive_ms: float
+    fast_ms: float
 
     @property
     def cached(self) -> bool:
@@ -162,17 +163,19 @@ def measure(network: str, schedule: str, bandwidth: float, budget_s: float, thre
     process, sampler, steps = SCHEDULES[schedule]
     torch.set_num_threads(threads)
     policy = build(network, process, sampler)
+    fast = build(network, process, sampler).use_backend("auto")  # the same weights (seeded)
     obs = observations(1)
-    ms, naive, repeats = paired_median_ms(
+    (ms, naive, fast_ms), repeats = interleaved_median_ms(
         (
             lambda: policy.sample_actions(obs, steps=steps, sampler=sampler),
             lambda: naive_sample(policy, obs, steps, sampler),
+            lambda: fast.sample_actions(obs, steps=steps, sampler=sampler),
         ),
         budget_s,
     )
     params = n_params(policy.network)
     floor = 1e3 * params * 4 * steps / bandwidth
-    return Row(network, schedule, threads, params, ms, repeats, floor, naive)
+    return Row(network, schedule, threads, params, ms, repeats, floor, naive, fast_ms)
 
 
 def train_throughput(network: str, batch: int = 128, warmup: int = 2, steps: int = 5) -> tuple[int, float]:
@@ -193,15 +196,16 @@ def train_throughput(network: str, batch: int = 128, warmup: int = 2, steps: int
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| network | params | schedule | threads | ms/chunk | repeats | DRAM floor ms | vs floor "
-        "| naive ms | ours vs naive |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| network | params | schedule | threads | eager ms/chunk | repeats | DRAM floor ms | eager vs floor "
+        "| naive ms | eager vs naive | fast ms/chunk | eager / fast |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         vs_floor = f"{r.ms / r.floor_ms:.1f}x" + (" (in L3)" if r.cached else "")
         lines.append(
             f"| {r.network} | {r.params / 1e6:.2f}M | {r.schedule} | {r.threads} | {r.ms:.1f} "
-            f"| {r.repeats} | {r.floor_ms:.2f} | {vs_floor} | {r.naive_ms:.1f} | {r.naive_ms / r.ms:.2f}x |"
+            f"| {r.repeats} | {r.floor_ms:.2f} | {vs_floor} | {r.naive_ms:.1f} | {r.naive_ms / r.ms:.2f}x "
+            f"| {r.fast_ms:.1f} | {r.ms / r.fast_ms:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -219,7 +223,7 @@ def main() -> None:
     print(f"copy bandwidth (1 thread, read+write): {bandwidth / 1e9:.1f} GB/s", flush=True)
     policy, obs = build("U-Net [32,64,128]"), observations(1)
     with torch.no_grad():
-        encode_ms, _, _ = paired_median_ms((lambda: policy.encode(obs), lambda: None), 0.5)
+        (encode_ms,), _ = interleaved_median_ms((lambda: policy.encode(obs),), 0.5)
     print(f"encode (batch 1, the same encoder for every network): {encode_ms:.2f} ms", flush=True)
     rows: list[Row] = []
     for network in NETWORKS:
@@ -230,11 +234,12 @@ def main() -> None:
             r = rows[-1]
             print(
                 f"{network:22s} {schedule:8s} {r.ms:9.1f} ms  (x{r.repeats})  floor {r.floor_ms:7.2f} ms  "
-                f"naive {r.naive_ms:9.1f} ms  ours vs naive {r.naive_ms / r.ms:.2f}x",
+                f"naive {r.naive_ms:9.1f} ms  fast {r.fast_ms:9.1f} ms  eager / fast {r.ms / r.fast_ms:.2f}x",
                 flush=True,
             )
     rows.append(measure("U-Net [256,512,1024]", "DDIM-10", bandwidth, args.budget, threads=2))
-    print(f"2 threads: U-Net [256,512,1024] DDIM-10 {rows[-1].ms:.1f} ms", flush=True)
+    r = rows[-1]
+    print(f"2 threads: U-Net [256,512,1024] DDIM-10 {r.ms:.1f} ms, fast {r.fast_ms:.1f} ms", flush=True)
     torch.set_num_threads(1)
     training = {}
     for network, batch in TRAINING:
@@ -271,22 +276,24 @@ def write_report(
                 ours = large[schedule, threads].ms
                 anchors.append(f"{schedule} {ours:.0f} ms at {threads} thread(s) vs LeRobot {ref}")
     one, two = large.get(("DDIM-10", 1)), large.get(("DDIM-10", 2))
-    two_vs_one = f"{two.ms / one.ms:.2f}x the time of" if one and two else "not comparable with"
+    two_vs_one = f"{two.ms / one.ms:.2f}x the time at" if one and two else "no comparison with"
     text = f"""# Inference latency and training throughput (CPU)
 
 - date: {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 - machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()} \
 {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}
 - load average (1/5/15 min) before: {" ".join(f"{x:.2f}" for x in load_before)}, \
-after: {" ".join(f"{x:.2f}" for x in load_after)} (the machine was shared with two training runs)
+after: {" ".join(f"{x:.2f}" for x in load_after)}
 - command: `{shlex.join([".venv/bin/python", *sys.argv])}` ({elapsed:.0f} s)
 - copy bandwidth (torch copy of 512 MB, bytes read + written, 1 thread): {bandwidth / 1e9:.1f} GB/s
 
 Batch 1, random weights, lift state observations (19 numbers x 2 steps), action chunk 16 x 7.
-Median wall time per chunk of `DenoisingPolicy.sample_actions` after one warm-up call. "DRAM floor" =
+Median wall time per chunk of `DenoisingPolicy.sample_actions` after one warm-up call: "eager" on
+plain PyTorch, "fast" on the fast inference path (the denoiser network in ONNX Runtime, the default
+for loaded checkpoints; same weights), "naive" the eager sampler with `policy.encode(obs)` called
+inside every denoising step instead of once per chunk; the three are timed in turn. "DRAM floor" =
 network parameters x 4 bytes x network evaluations / copy bandwidth; networks under ~8M parameters
-(32 MB) stay in the L3 cache, so that floor does not bind them ("in L3"). "naive" is the same sampler
-with `policy.encode(obs)` called inside every denoising step instead of once per chunk.
+(32 MB) stay in the L3 cache, so that floor does not bind them ("in L3").
 
 {table(rows)}
 
@@ -299,26 +306,20 @@ steps after 2 warm-up steps):
 
 ## Notes
 
-- Anchors (../shared/REFERENCES.md, LeRobot 0.4.4 DiffusionPolicy, state-only, horizon 16, batch 1,
-  same machine kind): U-Net [256,512,1024] 63.5M, DDIM-10 475 ms per chunk, DDPM-100 4.9 s; training
-  (63.5M, batch 64) 67 samples/s. Our U-Net of the same widths: {"; ".join(anchors)}.
+- Anchors (../shared/REFERENCES.md, LeRobot 0.4.4 DiffusionPolicy, state-only, horizon 16, batch 1):
+  U-Net [256,512,1024] 63.5M, DDIM-10 475 ms per chunk, DDPM-100 4.9 s; training (63.5M, batch 64)
+  67 samples/s. Our eager U-Net of the same widths: {"; ".join(anchors)}. These anchors come from
+  another session's machine; docs/results/vs_lerobot.md times LeRobot side by side in one run.
 - DDPM-100 here is the ddpm process sampled deterministically (ddim sampler, eta 0) over all 100
   training steps: the same number of network evaluations as DDPM's ancestral sampling.
 - Encoding once per chunk: one `encode` of these state observations took {encode_ms:.2f} ms at batch
-  1 in this run, small against one denoiser evaluation, so "ours vs naive" is close to 1 here and
-  within the load noise (values below 1 are noise). The saving grows with image encoders, which
-  cost far more than a denoiser call; with state only it is at most a few percent.
-- The networks under ~8M parameters are far above the DRAM floor: their weights sit in cache and a
-  batch-1 call is a few hundred small ops (the U-Net's conv1d runs torch's im2col
-  `_slow_conv2d_forward` path on this CPU), so their latency is per-op overhead, not weight traffic.
-  The 64M U-Net is within a few times the floor; note the floor uses the 1-thread copy bandwidth
-  measured here under load, lower than the ~23 GB/s read bandwidth in REFERENCES.md.
-- The 2-thread row ran while two training runs occupied both cores: torch's intra-op threads then
-  wait on each other; it was {two_vs_one} the 1-thread row here and says little about an idle machine.
-  The LeRobot anchors were not taken under this load, so the gap to them is not all implementation.
-- Timings were taken on a loaded 2-core machine (see load averages); ours and naive were timed
-  alternately so that load changes hit both alike, but treat differences under ~20% as noise.
-  Rows with 1 repeat (one call > 5 s) are a single timed call after warm-up.
+  1 in this run, small against one denoiser evaluation, so "eager vs naive" is close to 1 (values
+  below 1 are noise). The saving grows with image encoders, which cost far more than a denoiser call.
+- The eager networks under ~8M parameters are far above the DRAM floor: their weights sit in cache
+  and a batch-1 call is a few hundred small ops (the U-Net's conv1d runs torch's im2col path on this
+  CPU), so their latency is per-op overhead, not weight traffic; that overhead is what the fast path
+  removes. At 2 threads the 64M U-Net's DDIM-10 took {two_vs_one} 1 thread.
+- Treat differences under ~10% as noise even on an idle machine (see the load averages).
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -13,10 +13,48 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robomosaic.policies.networks.base import DenoiserNetwork, register_network
 from robomosaic.policies.networks.embedding import NoiseEmbedding, noise_per_sample
+
+
+class Conv1d(nn.Conv1d):
+    """nn.Conv1d, exported to ONNX as a 2-D convolution over (B, C, 1, L).
+
+    ONNX Runtime's CPU kernels for 2-D convolutions (blocked NCHWc layout) are far faster than its
+    1-D ones: a DDIM-10 chunk of the (64, 128, 256) U-Net took 18 ms instead of 28 ms. Eager PyTorch
+    is unchanged (its own 1-D kernels), as are the parameters and checkpoints."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        (stride,), (padding,), (dilation,) = self.stride, self.padding, self.dilation
+        weight = self.weight.unsqueeze(2)
+        y = F.conv2d(x.unsqueeze(2), weight, self.bias, (1, stride), (0, padding), (1, dilation), self.groups)
+        return y.squeeze(2)
+
+
+class ConvTranspose1d(nn.ConvTranspose1d):
+    """nn.ConvTranspose1d, exported to ONNX as a 2-D transposed convolution (see `Conv1d`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        (stride,), (padding,), (dilation,) = self.stride, self.padding, self.dilation
+        (output_padding,) = self.output_padding
+        y = F.conv_transpose2d(
+            x.unsqueeze(2),
+            self.weight.unsqueeze(2),
+            self.bias,
+            (1, stride),
+            (0, padding),
+            (0, output_padding),
+            self.groups,
+            (1, dilation),
+        )
+        return y.squeeze(2)
 
 
 class Conv1dBlock(nn.Sequential):
@@ -24,7 +62,7 @@ class Conv1dBlock(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, n_groups: int) -> None:
         super().__init__(
-            nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+            Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
             nn.GroupNorm(n_groups, out_channels),
             nn.Mish(),
         )
@@ -40,9 +78,7 @@ class FiLMResidualBlock1D(nn.Module):
         self.conv1 = Conv1dBlock(in_channels, out_channels, kernel_size, n_groups)
         self.conv2 = Conv1dBlock(out_channels, out_channels, kernel_size, n_groups)
         self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_channels))
-        self.residual = (
-            nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        )
+        self.residual = Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, bias = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
@@ -93,7 +129,7 @@ class ConditionalUnet1D(DenoiserNetwork):
                 [
                     block(c_in, c_out),
                     block(c_out, c_out),
-                    nn.Conv1d(c_out, c_out, 3, stride=2, padding=1) if i < len(levels) - 1 else nn.Identity(),
+                    Conv1d(c_out, c_out, 3, stride=2, padding=1) if i < len(levels) - 1 else nn.Identity(),
                 ]
             )
             for i, (c_in, c_out) in enumerate(levels)
@@ -106,14 +142,14 @@ class ConditionalUnet1D(DenoiserNetwork):
                 [
                     block(2 * c_out, c_in),
                     block(c_in, c_in),
-                    nn.ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1),
+                    ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1),
                 ]
             )
             for c_in, c_out in reversed(levels[1:])
         )
         self.final = nn.Sequential(
             Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
-            nn.Conv1d(down_dims[0], action_dim, 1),
+            Conv1d(down_dims[0], action_dim, 1),
         )
 
     @property

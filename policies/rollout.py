@@ -165,6 +165,9 @@ class ExecutorPolicy:
         for row, (i, now) in enumerate(zip(env_indices, times, strict=True)):
             actions[row], _ = self.executors[i].act(now)
             self.steps[i] += 1
+        unused = [i for i in env_indices if i in self.prefetched]
+        if unused:  # a chunk left here would be handed to a later request: never let that pass
+            raise RuntimeError(f"environments {unused}: the executor did not request the chunk it foresaw")
         return actions
 
     def _prefetch(self, env_indices: Sequence[int], times: Sequence[float]) -> None:

@@ -13,8 +13,9 @@ task and the seed.
 With `n_envs=1` the task runs in the parent process (no workers), which is what tests and
 debuggers want; both paths share `_execute`, so they behave the same.
 
-The policy is called in the parent with the observations of every running environment at once,
-so a neural policy can batch its inference; see `Policy`.
+The policy runs in the parent. In lock step it gets the observations of every running environment
+at once, so a neural policy can batch its inference; asynchronously (`run_episodes`' default) each
+environment is driven by a thread of its own; see `iter_episodes` and `Policy`.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class _ProcessEnv:
             self.process = subprocess.Popen(command, pass_fds=[fd])
         self.conn = Connection(mine.detach())
         self.conn.send(task_kwargs)
+        self.closing = False
 
     def send(self, command: str, args: tuple = ()) -> None:
         self.conn.send((command, args))
@@ -116,7 +118,8 @@ class _ProcessEnv:
 
     def request_close(self) -> None:
         """Ask the worker to exit (`close` waits for it): all workers of a VectorTask exit at once."""
-        if self.process.poll() is None:
+        if not self.closing and self.process.poll() is None:
+            self.closing = True
             with contextlib.suppress(BrokenPipeError, OSError):
                 self.conn.send(("close", ()))
 

@@ -47,7 +47,7 @@ def _serve(conn: Connection, checkpoint: str, device: str, threads: int, priorit
     import torch
 
     from robomosaic.policies.checkpoint import load_policy
-    from robomosaic.policies.rollout import episode_generator
+    from robomosaic.policies.rollout import episode_generator, warm_up
 
     try:
         if threads > 0:
@@ -56,15 +56,13 @@ def _serve(conn: Connection, checkpoint: str, device: str, threads: int, priorit
         # one inference on a zero history here, where inference runs, so that the first real chunk
         # is not slowed by lazy setup; its shape and time go to the parent (the node checks and logs them)
         start = time.perf_counter()
-        chunk = policy.predict_chunk(
-            {k: np.zeros((policy.n_obs_steps, *s.shape), dtype=s.dtype) for k, s in policy.obs_spec.items()}
-        )
-        warm_up = WarmUp(tuple(np.shape(chunk)), time.perf_counter() - start)
+        chunk = warm_up(policy)
+        warmed = WarmUp(tuple(np.shape(chunk)), time.perf_counter() - start)
         freeze_startup_objects()  # no collector pause of tens of ms inside a later chunk
     except Exception as e:  # reported to the parent, which raises it at construction
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", (warm_up, set_realtime_priority(priority, "inference") if priority > 0 else None)))
+    conn.send(("ready", (warmed, set_realtime_priority(priority, "inference") if priority > 0 else None)))
     stream, generator = None, None
     while True:
         try:

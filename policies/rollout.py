@@ -204,12 +204,13 @@ class ExecutorPolicy:
         return predict
 
 
-def warm_up(policy: ChunkPolicy) -> None:
-    """Predict one throwaway chunk from an all-zero history, so that the first real request does not
-    wait for what is built on first use (the fast path's export: 0.3-2 s). Call it with the torch
-    thread count that inference will run with (the fast path is rebuilt when that changes)."""
+def warm_up(policy: ChunkPolicy) -> np.ndarray:
+    """Predict one throwaway chunk from an all-zero history (and return it, for its shape), so that
+    the first real request does not wait for what is built on first use (the fast path's export:
+    0.3-2 s). Call it where, and with the torch thread count with which, inference will run (the
+    fast path is rebuilt when that changes)."""
     history = {
         key: np.zeros((policy.n_obs_steps, *spec.shape), dtype=spec.dtype)
         for key, spec in policy.obs_spec.items()
     }
-    policy.predict_chunk(history, None, generator=torch.Generator().manual_seed(0))
+    return np.asarray(policy.predict_chunk(history, None, generator=torch.Generator().manual_seed(0)))

@@ -443,7 +443,7 @@ class PolicyNode(LifecycleNode):
             hold=lambda last: self.safety.safe_command(),
         )
         self.policy = policy  # the threaded and simulated runners call it (None with "process")
-        self._warm_up(interface.n_obs_steps, runner)
+        self._warm_up(runner)
         self._make_entities()
         freeze_startup_objects()  # the model is loaded: no collector pause of tens of ms in control
         self.interface = interface  # last: the diagnostics and services read it as "configured"
@@ -471,19 +471,17 @@ class PolicyNode(LifecycleNode):
                 f"parameter device: {self._param('device')!r} is not usable: {e}"
             ) from None
 
-    def _warm_up(self, n_obs_steps: int, runner: Any) -> None:
+    def _warm_up(self, runner: Any) -> None:
         """One inference on a zero history where inference runs, so that the first real chunk is not
         slowed by lazy setup, and a check of the chunk's shape. The inference process has done it on
         its own already; the other runners compute in this process."""
         if hasattr(runner, "warm_up"):  # ProcessInference
             shape, seconds = runner.warm_up
         else:
-            history = {
-                k: np.zeros((n_obs_steps, *s.shape), dtype=np.dtype(s.dtype))
-                for k, s in self.obs_spec.items()
-            }
+            from robomosaic.policies.rollout import warm_up
+
             start = time.perf_counter()
-            shape = self.policy.predict_chunk(history, None).shape
+            shape = warm_up(self.policy).shape
             seconds = time.perf_counter() - start
         if shape[1] != self.action_dim:
             raise ConfigurationError(

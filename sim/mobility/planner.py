@@ -1,0 +1,164 @@
+"""The planner: shortest paths to the goal on the occupancy grid, and the expert that follows them.
+
+    planner = GridPlanner(world.occupancy, radius=0.3, goal=world.goal)
+    planner.route(xy, hops=(5, 10, 15, 20))     # (N, 4, 2) waypoints along the path from each xy
+
+One Dijkstra search from the goal (scipy's `csgraph.dijkstra`) gives every cell's distance to the
+goal and its next cell on the way there, so the route from wherever the robot is now costs a few
+array lookups: the planner replans every step, as Nav2's does at its planner rate. Cells closer to an
+obstacle than the footprint radius are lethal; near obstacles, steps cost more (like Nav2's
+inflation layer), so paths keep their distance where the room allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import dijkstra
+
+from robomosaic.sim.mobility.embodiments import Embodiment
+from robomosaic.sim.mobility.worlds import GRID, RESOLUTION, cell_centres, cell_of
+
+INFLATION = 0.3  # m, decay length of the extra cost near obstacles
+INFLATION_COST = 4.0  # extra cost factor right at the lethal boundary
+ROUTE_HOPS = (5, 10, 15, 20)  # cells along the path: waypoints about 0.5, 1, 1.5, 2 m ahead
+
+
+class GridPlanner:
+    """Distances to `goal` and next steps toward it from every cell of `occupancy`."""
+
+    def __init__(self, occupancy: np.ndarray, radius: float, goal: np.ndarray) -> None:
+        n_rows, n_cols = occupancy.shape
+        clearance = ndimage.distance_transform_edt(~occupancy) * RESOLUTION
+        free = clearance >= radius
+        # a robot that ends up in a lethal cell is routed from the nearest free cell
+        _, (near_r, near_c) = ndimage.distance_transform_edt(~free, return_indices=True)
+        self.nearest_free = (near_r * n_cols + near_c).ravel()
+        weight = (1.0 + INFLATION_COST * np.exp(-(clearance - radius) / INFLATION)).ravel()
+        index = np.arange(n_rows * n_cols).reshape(n_rows, n_cols)
+        rows, cols, lengths = [], [], []
+        for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1)):
+            a = index[: n_rows - dr, max(0, -dc) : n_cols - max(0, dc)]  # cell (r, c) ...
+            b = index[dr:, max(0, dc) : n_cols - max(0, -dc)]  # ... and its neighbour (r + dr, c + dc)
+            both = free.ravel()[a.ravel()] & free.ravel()[b.ravel()]
+            a, b = a.ravel()[both], b.ravel()[both]
+            rows.append(a)
+            cols.append(b)
+            lengths.append(np.hypot(dr, dc) * RESOLUTION * (weight[a] + weight[b]) / 2)
+        rows, cols, lengths = np.concatenate(rows), np.concatenate(cols), np.concatenate(lengths)
+        graph = coo_matrix((lengths, (rows, cols)), shape=(index.size, index.size)).tocsr()
+        self.goal = np.asarray(goal, dtype=np.float64).reshape(2)
+        r, c = cell_of(self.goal[None])[0]
+        goal_cell = int(self.nearest_free[r * n_cols + c])
+        self.distance, predecessors = dijkstra(
+            graph, directed=False, indices=goal_cell, return_predecessors=True
+        )
+        # The search ran from the goal, so a cell's predecessor is its next cell toward the goal.
+        self.next_cell = np.where(predecessors >= 0, predecessors, np.arange(index.size))
+        self._n_cols = n_cols
+
+    def cells(self, xy: np.ndarray) -> np.ndarray:
+        """The flat cell index the route starts from at each of `xy` (N, 2): the nearest free cell."""
+        rc = cell_of(np.asarray(xy, dtype=np.float64).reshape(-1, 2))
+        return self.nearest_free[rc[:, 0] * self._n_cols + rc[:, 1]]
+
+    def distance_at(self, xy: np.ndarray) -> np.ndarray:
+        """(N,) path cost (m, inflated near obstacles) from each position to the goal; inf if cut off."""
+        return self.distance[self.cells(xy)]
+
+    def route(self, xy: np.ndarray, hops: tuple[int, ...] = ROUTE_HOPS) -> np.ndarray:
+        """(N, len(hops), 2) world positions `hops` cells along the path from each of `xy` (N, 2);
+        the path's last point is the goal itself, and waypoints past it stay there."""
+        table = RouteTable(1, hops)
+        table.set(0, self)
+        return table.route(xy, np.zeros(len(np.reshape(xy, (-1, 2))), dtype=int))
+
+
+class RouteTable:
+    """The next-cell tables of N worlds' planners side by side, so that the routes of all worlds are
+    looked up in one vectorized pass per hop (a Python loop over 64 planners cost more than MuJoCo)."""
+
+    def __init__(self, n: int, hops: tuple[int, ...] = ROUTE_HOPS) -> None:
+        self.hops = hops
+        self.planners: list[GridPlanner | None] = [None] * n
+        self.next_cell: np.ndarray | None = None  # (n, cells) flat indices into (n * cells)
+        self.nearest_free: np.ndarray | None = None  # (n, cells) indices within a world's grid
+        self.centres = cell_centres()
+
+    def set(self, i: int, planner: GridPlanner) -> None:
+        size = planner.next_cell.size
+        if self.next_cell is None:
+            self.next_cell = np.tile(np.arange(size), (len(self.planners), 1))
+            self.next_cell += np.arange(len(self.planners))[:, None] * size
+            self.goals = np.zeros((len(self.planners), 2))
+            self.nearest_free = np.zeros((len(self.planners), size), dtype=int)
+        self.next_cell[i] = planner.next_cell + i * size
+        self.nearest_free[i] = planner.nearest_free
+        self.goals[i] = planner.goal
+        self.planners[i] = planner
+
+    def route(self, xy: np.ndarray, worlds: np.ndarray | Sequence[int]) -> np.ndarray:
+        """(N, len(hops), 2) waypoints for the positions `xy` (N, 2) in the worlds `worlds`."""
+        worlds = np.asarray(worlds, dtype=int)
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        size = self.next_cell.shape[1]
+        rc = cell_of(xy)
+        cells = self.nearest_free[worlds, rc[:, 0] * GRID + rc[:, 1]] + worlds * size
+        flat, centres = self.next_cell.ravel(), self.centres
+        out = np.empty((len(worlds), len(self.hops), 2))
+        done = 0
+        for k, hop in enumerate(self.hops):
+            for _ in range(hop - done):
+                cells = flat[cells]
+            done = hop
+            out[:, k] = centres[cells % size]
+            at_goal = flat[cells] == cells
+            out[at_goal, k] = self.goals[worlds[at_goal]]
+        return out
+
+
+def to_body_frame(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """World points (N, ..., 2) in the frames of poses (N, 3: x, y, yaw)."""
+    d = points - pose[:, None, :2] if points.ndim == 3 else points - pose[:, :2]
+    c, s = np.cos(pose[:, 2]), np.sin(pose[:, 2])
+    if points.ndim == 3:
+        c, s = c[:, None], s[:, None]
+    return np.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], axis=-1)
+
+
+class RouteExpert:
+    """Pure pursuit of the planner's route, tuned for `carter` (embodiment A).
+
+    It reads only the observation (goal and route in the body frame), as the imitation policy does:
+    it steers toward the route's second waypoint (about 1 m ahead), or the goal once that is nearer;
+    a differential drive slows down while it turns, a holonomic base also moves sideways.
+    """
+
+    def __init__(
+        self, embodiments: Sequence[Embodiment], turn_gain: float = 2.0, slow_radius: float = 1.0
+    ) -> None:
+        self.max_speed = np.array([e.max_speed for e in embodiments])
+        self.holonomic = np.array([e.drive == "holonomic" for e in embodiments])
+        self.turn_gain = turn_gain
+        self.slow_radius = slow_radius
+
+    def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        goal = obs["goal"].reshape(-1, 2)
+        target = obs["route"].reshape(len(goal), -1, 2)[:, 1]
+        goal_near = np.linalg.norm(goal, axis=1) < np.linalg.norm(target, axis=1)
+        target = np.where(goal_near[:, None], goal, target)
+        angle = np.arctan2(target[:, 1], target[:, 0])
+        speed = self.max_speed[:, 0] * np.clip(np.linalg.norm(goal, axis=1) / self.slow_radius, 0.3, 1.0)
+        heading = target / np.maximum(np.linalg.norm(target, axis=1, keepdims=True), 1e-6)
+        facing = np.clip(np.cos(angle), 0.0, 1.0) ** 2
+        vx = np.where(self.holonomic, speed * heading[:, 0], speed * facing)
+        vy = np.where(self.holonomic, speed * heading[:, 1], 0.0)
+        # a holonomic base keeps its direction of travel when a speed limit bites
+        wanted = np.maximum(np.abs(np.stack([vx, vy], axis=1)), 1e-9)
+        scale = np.minimum(1.0, np.min(self.max_speed[:, :2] / wanted, axis=1))
+        vx, vy = np.where(self.holonomic, vx * scale, vx), np.where(self.holonomic, vy * scale, vy)
+        wz = np.clip(self.turn_gain * angle, -self.max_speed[:, 2], self.max_speed[:, 2])
+        return np.stack([vx, vy, wz], axis=1)

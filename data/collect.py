@@ -4,7 +4,9 @@
                        [keep_failed=false] [seed=0] [workers=2] [task.cameras=[agentview] task.image_size=84]
 
 Devices: `scripted` runs the task's expert (`robomosaic.sim.experts.<task>`) in simulator worker
-processes; `keyboard` and `spacemouse` are robosuite's teleoperation devices (`data/devices.py`).
+processes (for `task=nav`, the route expert in `workers` worlds of one batched navigation environment,
+`robomosaic.sim.mobility`, on `task.embodiment`);
+`keyboard` and `spacemouse` are robosuite's teleoperation devices (`data/devices.py`).
 
 Every step records each observation key of the task (the observation before the action), `action`,
 `reward` (after the action) and `state`, the flattened simulator state before the action, from
@@ -139,6 +141,33 @@ def _scripted_episodes(
             yield result.trajectory, meta
 
 
+def _navigation_episodes(
+    cfg: DictConfig, seeds: Iterator[int], budget: int, wanted_more: Callable[[], int]
+) -> Iterator[Episode]:
+    """Run the route expert in `cfg.workers` worlds of one batched navigation environment."""
+    from robomosaic.sim.mobility.rollout import RouteExpertPolicy, run_navigation
+
+    env = _navigation_env(cfg, max(1, min(int(cfg.workers), budget)))
+    for episode in run_navigation(env, islice(seeds, budget), RouteExpertPolicy(env), record=True):
+        meta = {
+            "seed": episode.seed,
+            "success": episode.success,
+            "task": cfg.task.name,
+            "behaviour": f"{episode.embodiment}/{episode.family}",
+            "duration": episode.time,
+        }
+        yield episode.trajectory, meta
+        if wanted_more() <= 0:
+            return
+
+
+def _navigation_env(cfg: DictConfig, n_worlds: int) -> Any:
+    from robomosaic.sim.mobility.env import MAX_STEPS, MobilityEnv
+
+    max_steps = cfg.task.max_steps or MAX_STEPS
+    return MobilityEnv([cfg.task.embodiment] * n_worlds, tuple(cfg.task.families), int(max_steps))
+
+
 def _teleop_episodes(cfg: DictConfig, task: Any, device: Any, seeds: Iterator[int]) -> Iterator[Episode]:
     from robomosaic.data.devices import open_viewer, teleop_episode
 
@@ -155,12 +184,23 @@ def collect(cfg: DictConfig, progress: bool = True) -> CollectSummary:
     from robomosaic.sim.tasks import make_task
 
     started = time.time()
+    navigation = cfg.task.name == "nav"
+    if navigation and cfg.device.name != "scripted":
+        raise SystemExit(
+            f"robomosaic-collect: task=nav records the route expert (device=scripted) only, "
+            f"not device={cfg.device.name}"
+        )
     if cfg.device.name != "scripted":
         from robomosaic.data.devices import require_display
 
         require_display(cfg.device.name)
-    task = make_task(cfg.task.name, **_task_kwargs(cfg))
-    spec = dataset_spec(task)
+    if navigation:
+        from robomosaic.sim.mobility.rollout import navigation_dataset_spec
+
+        task, spec = None, navigation_dataset_spec(_navigation_env(cfg, 1))
+    else:
+        task = make_task(cfg.task.name, **_task_kwargs(cfg))
+        spec = dataset_spec(task)
     if cfg.device.name != "scripted":
         from robomosaic.data.devices import open_device
 
@@ -170,9 +210,12 @@ def collect(cfg: DictConfig, progress: bool = True) -> CollectSummary:
     wanted = int(cfg.episodes)
     summary = CollectSummary(out=str(cfg.out))
     if cfg.device.name == "scripted":
-        task.close()  # the workers build their own
         budget = int(cfg.max_attempts) if cfg.get("max_attempts") else 3 * wanted
-        episodes = _scripted_episodes(cfg, seeds, budget, lambda: wanted - summary.stored)
+        if navigation:
+            episodes = _navigation_episodes(cfg, seeds, budget, lambda: wanted - summary.stored)
+        else:
+            task.close()  # the workers build their own
+            episodes = _scripted_episodes(cfg, seeds, budget, lambda: wanted - summary.stored)
     else:
         episodes = _teleop_episodes(cfg, task, device, seeds)
     bar = tqdm(total=wanted, desc=f"collect {cfg.task.name}", unit="episode", disable=not progress)

@@ -78,10 +78,11 @@ def dataset_task_set(store: EpisodeStore) -> TaskSet | None:
 
 
 def observation_keys(cfg: DictConfig, store: EpisodeStore) -> list[str]:
-    """`obs_keys` if given; else proprioception plus the configured cameras, or plus the object
-    state when no camera is configured (an image policy must find the object in its images)."""
-    if cfg.obs_keys:
-        keys = list(cfg.obs_keys)
+    """`obs_keys` if given, else the task config's (navigation); else proprioception plus the
+    configured cameras, or plus the object state when no camera is configured (an image policy must
+    find the object in its images)."""
+    if cfg.obs_keys or cfg.task.get("obs_keys"):
+        keys = list(cfg.obs_keys or cfg.task.obs_keys)
     elif cfg.task.cameras:
         keys = [*PROPRIO_KEYS, *(f"{cam}_image" for cam in cfg.task.cameras)]
     else:

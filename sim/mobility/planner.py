@@ -145,20 +145,23 @@ class RouteExpert:
         self.turn_gain = turn_gain
         self.slow_radius = slow_radius
 
-    def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+    def __call__(self, obs: dict[str, np.ndarray], worlds: Sequence[int] | None = None) -> np.ndarray:
+        """Commands (N, 3) for a batch of observations, of all worlds or of `worlds` in this order."""
+        rows = slice(None) if worlds is None else np.asarray(worlds, dtype=int)
+        max_speed, holonomic = self.max_speed[rows], self.holonomic[rows]
         goal = obs["goal"].reshape(-1, 2)
         target = obs["route"].reshape(len(goal), -1, 2)[:, 1]
         goal_near = np.linalg.norm(goal, axis=1) < np.linalg.norm(target, axis=1)
         target = np.where(goal_near[:, None], goal, target)
         angle = np.arctan2(target[:, 1], target[:, 0])
-        speed = self.max_speed[:, 0] * np.clip(np.linalg.norm(goal, axis=1) / self.slow_radius, 0.3, 1.0)
+        speed = max_speed[:, 0] * np.clip(np.linalg.norm(goal, axis=1) / self.slow_radius, 0.3, 1.0)
         heading = target / np.maximum(np.linalg.norm(target, axis=1, keepdims=True), 1e-6)
         facing = np.clip(np.cos(angle), 0.0, 1.0) ** 2
-        vx = np.where(self.holonomic, speed * heading[:, 0], speed * facing)
-        vy = np.where(self.holonomic, speed * heading[:, 1], 0.0)
+        vx = np.where(holonomic, speed * heading[:, 0], speed * facing)
+        vy = np.where(holonomic, speed * heading[:, 1], 0.0)
         # a holonomic base keeps its direction of travel when a speed limit bites
         wanted = np.maximum(np.abs(np.stack([vx, vy], axis=1)), 1e-9)
-        scale = np.minimum(1.0, np.min(self.max_speed[:, :2] / wanted, axis=1))
-        vx, vy = np.where(self.holonomic, vx * scale, vx), np.where(self.holonomic, vy * scale, vy)
-        wz = np.clip(self.turn_gain * angle, -self.max_speed[:, 2], self.max_speed[:, 2])
+        scale = np.minimum(1.0, np.min(max_speed[:, :2] / wanted, axis=1))
+        vx, vy = np.where(holonomic, vx * scale, vx), np.where(holonomic, vy * scale, vy)
+        wz = np.clip(self.turn_gain * angle, -max_speed[:, 2], max_speed[:, 2])
         return np.stack([vx, vy, wz], axis=1)

@@ -195,6 +195,19 @@ class MobilityEnv:
         self._rngs[i] = np.random.default_rng([world.seed, 7002])  # the scan noise of this episode
         self._sense([i])
 
+    def set_goal(self, i: int, goal: np.ndarray) -> None:
+        """Send world i's base from where it stands to a new `goal`, as a new episode (its step
+        count restarts); a goal inside or too near an obstacle is refused with `WorldError`, and
+        the world keeps its goal."""
+        world, radius = self.worlds[i], self.embodiments[i].radius
+        goal = np.asarray(goal, dtype=np.float64).reshape(2)
+        world.check_free(goal, radius)
+        world.goal = goal
+        self.planners[i] = GridPlanner(world.occupancy, radius, goal)
+        self._routes.set(i, self.planners[i])
+        self._route[[i]] = self._routes.route(self.pose[[i], :2], [i])
+        self.steps[i] = 0
+
     def step(
         self, actions: np.ndarray
     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from robomosaic.conf.console import RobomosaicError, console_script
 from robomosaic.data.multitask import TaskSet
@@ -383,6 +384,44 @@ def checkpoint_task_set(checkpoint: Path) -> TaskSet | None:
     return TaskSet.from_dict(spec_json["task_set"]) if spec_json.get("task_set") else None
 
 
+def checkpoint_task(checkpoint: Path, cfg: DictConfig) -> str | None:
+    """task= if given, else the task named in the checkpoint's spec.json (None if unreadable)."""
+    if cfg.get("task"):
+        return str(cfg.task.name)
+    try:
+        return json.loads((checkpoint / "spec.json").read_text()).get("task")
+    except (OSError, ValueError):
+        return None  # evaluate() reports the unreadable checkpoint with its own message
+
+
+def _evaluate_navigation(cfg: DictConfig, checkpoint: Path, out: Path, argv: list[str]) -> None:
+    """robomosaic-eval of a navigation checkpoint: each embodiment of `embodiments` (default the
+    task config's embodiment), `workers` worlds stepped together."""
+    from robomosaic.policies.evaluate_navigation import evaluate_navigation, summary_lines
+
+    embodiments = (
+        list(cfg.embodiments)
+        if cfg.embodiments
+        else [str(cfg.task.embodiment) if cfg.get("task") else "carter"]
+    )
+    report = evaluate_navigation(
+        checkpoint,
+        embodiments,
+        episodes=int(cfg.episodes),
+        seed_offset=int(cfg.seed_offset),
+        worlds=int(cfg.workers),
+        seed=int(cfg.seed),
+        n_action_steps=cfg.n_action_steps,
+        backend=cfg.backend,
+        torch_threads=cfg.torch_threads,
+        progress=cfg.progress,
+    )
+    print("\n".join(summary_lines(report)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": shlex.join(["robomosaic-eval", *argv]), **report}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 @console_script("robomosaic-eval")
 def main(argv: list[str]) -> None:
     """robomosaic-eval; a multitask checkpoint without task= is evaluated on each of its tasks."""
@@ -391,6 +430,8 @@ def main(argv: list[str]) -> None:
     cfg = compose("eval", argv)
     checkpoint = Path(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else Path("docs/results") / f"eval_{default_name(checkpoint)}.json"
+    if checkpoint_task(checkpoint, cfg) == "nav":
+        return _evaluate_navigation(cfg, checkpoint, out, argv)
     video_dir = Path(cfg.video_dir) if cfg.video_dir else out.with_name(f"{out.stem}_videos")
     task = cfg.task.name if cfg.get("task") else None
     max_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.task.max_steps if task else None)

@@ -112,9 +112,21 @@ def load_dataset(cfg: DictConfig) -> tuple[EpisodeStore, np.ndarray, np.ndarray]
         raise TrainingError(
             f"{path}: dataset was recorded on task {store.spec.task!r}, config says {cfg.task.name!r}"
         )
+    refuse_held_out(store)
     chosen = selected_episodes(store, cfg.episodes)
     train_pos, val_pos = split_episodes(len(chosen), float(cfg.val_ratio), int(cfg.seed))
     return store, chosen[train_pos], chosen[val_pos]
+
+
+def refuse_held_out(store: EpisodeStore) -> None:
+    """A navigation store recorded on an embodiment kept for evaluation only is not trained on."""
+    from robomosaic.sim.mobility.embodiments import load_embodiment
+
+    for name in store.spec.extra.get("embodiments", []):
+        if load_embodiment(name).held_out:
+            raise TrainingError(
+                f"{store.path}: recorded on the held-out embodiment {name}, which is for evaluation only"
+            )
 
 
 def selected_episodes(store: EpisodeStore, where: Mapping[str, Any] | None) -> np.ndarray:

@@ -8,13 +8,17 @@ observation key, and `message_to_array(msg, binding)` extracts it:
                                                                     or the whole field without `names`
     PoseStamped        pose (7: xyz + quat xyzw) | position (3) | orientation (4, xyzw)
     Odometry           pose | position | orientation | twist (6: linear, angular) | linear | angular
+                       | planar (6: x, y, yaw, vx, vy, yaw rate; a mobile base)
+    LaserScan          ranges                                       float64 (rays,) at laser_scan_angles(msg)
+    Path               positions                                    float64 (poses, 2): x, y of every pose
     Image              -                                            uint8 (H, W, 3) rgb
     CompressedImage    -                                            uint8 (H, W, 3) rgb (decoded by PIL)
     String             -                                            the text (a task name for the policy node)
     Float64MultiArray  -                                            float64 (N,)
 
-Builders turn arrays into messages for the simulated robot, the recorder and the quadrotor nodes;
-commands go out as JointTrajectory (a chunk), Float64MultiArray (one action) or Twist.
+Builders turn arrays into messages for the simulated robots, the recorder and the quadrotor nodes;
+commands go out as JointTrajectory (a chunk), Float64MultiArray (one action) or Twist (6 values, or a
+mobile base's 3 or 2).
 Stamps may be given as seconds (float) or as a builtin_interfaces/Time; 0.0 is ROS's "no stamp".
 
 rclpy and the message packages are imported when a function needs them, so `TopicBinding` and
@@ -38,12 +42,17 @@ OBSERVATION_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "Image": ("sensor_msgs", ()),
     "CompressedImage": ("sensor_msgs", ()),
     "PoseStamped": ("geometry_msgs", ("pose", "position", "orientation")),
-    "Odometry": ("nav_msgs", ("pose", "position", "orientation", "twist", "linear", "angular")),
+    "Odometry": ("nav_msgs", ("pose", "position", "orientation", "twist", "linear", "angular", "planar")),
+    "LaserScan": ("sensor_msgs", ("ranges",)),
+    "Path": ("nav_msgs", ("positions",)),
     "String": ("std_msgs", ()),
     "Float64MultiArray": ("std_msgs", ()),
 }
-FIELD_SIZES = {"pose": 7, "position": 3, "orientation": 4, "twist": 6, "linear": 3, "angular": 3}
+FIELD_SIZES = {"pose": 7, "position": 3, "orientation": 4, "twist": 6, "linear": 3, "angular": 3, "planar": 6}
 IMAGE_TYPES = ("Image", "CompressedImage")
+# For each accepted action size, the action index of each Twist component (linear xyz, angular
+# xyz); -1 is the 0 appended to the action.
+TWIST_SIZES = {6: [0, 1, 2, 3, 4, 5], 3: [0, 1, -1, -1, -1, 2], 2: [0, -1, -1, -1, -1, 1]}
 
 
 def _short_type(type_name: str) -> str:
@@ -141,6 +150,11 @@ def message_to_array(msg: Any, binding: TopicBinding) -> np.ndarray | str:
         return values[[index[n] for n in binding.names]]
     if kind in ("PoseStamped", "Odometry"):
         pose = msg.pose if kind == "PoseStamped" else msg.pose.pose
+        if binding.field == "planar":
+            lin, ang = msg.twist.twist.linear, msg.twist.twist.angular
+            p, q = pose.position, pose.orientation
+            yaw = quaternion_yaw([q.x, q.y, q.z, q.w])
+            return np.array([p.x, p.y, yaw, lin.x, lin.y, ang.z], dtype=np.float64)
         if binding.field in ("pose", "position", "orientation"):
             p, q = pose.position, pose.orientation
             xyz, xyzw = [p.x, p.y, p.z], [q.x, q.y, q.z, q.w]
@@ -154,9 +168,30 @@ def message_to_array(msg: Any, binding: TopicBinding) -> np.ndarray | str:
         return image_to_rgb(msg, where)
     if kind == "CompressedImage":
         return compressed_image_to_rgb(msg, where)
+    if kind == "LaserScan":
+        return np.asarray(msg.ranges, dtype=np.float64)
+    if kind == "Path":
+        xy = [[p.pose.position.x, p.pose.position.y] for p in msg.poses]
+        return np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     if kind == "String":
         return str(msg.data)
     return np.asarray(msg.data, dtype=np.float64)  # Float64MultiArray
+
+
+def laser_scan_angles(msg: Any) -> np.ndarray:
+    """The ray angles of a sensor_msgs/LaserScan (rad, float64): angle_min + i * angle_increment."""
+    return float(msg.angle_min) + float(msg.angle_increment) * np.arange(len(msg.ranges))
+
+
+def yaw_quaternion(yaw: float) -> list[float]:
+    """The xyzw quaternion of a rotation by `yaw` about z."""
+    return [0.0, 0.0, float(np.sin(yaw / 2)), float(np.cos(yaw / 2))]
+
+
+def quaternion_yaw(quat_xyzw: Any) -> float:
+    """The rotation about z of an xyzw quaternion (its heading, for a planar pose)."""
+    x, y, z, w = (float(v) for v in quat_xyzw)
+    return float(np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)))
 
 
 # Channel order of the encodings we read, as indices into the message's channels.
@@ -281,6 +316,57 @@ def odometry_msg(
     )
 
 
+def transform_stamped_msg(
+    xyz: Any, quat_xyzw: Any, frame_id: str, child_frame_id: str, stamp: Any = None
+) -> Any:
+    """geometry_msgs/TransformStamped: the pose of `child_frame_id` in `frame_id` (for tf2_msgs/TFMessage)."""
+    require_rclpy()
+    from geometry_msgs.msg import Quaternion, Transform, TransformStamped, Vector3
+
+    x, y, z = _floats(xyz, 3, "translation")
+    qx, qy, qz, qw = _floats(quat_xyzw, 4, "rotation (xyzw)")
+    return TransformStamped(
+        header=_header(frame_id, stamp),
+        child_frame_id=str(child_frame_id),
+        transform=Transform(translation=Vector3(x=x, y=y, z=z), rotation=Quaternion(x=qx, y=qy, z=qz, w=qw)),
+    )
+
+
+def laser_scan_msg(
+    ranges: Any, angles: Any, range_max: float, frame_id: str, stamp: Any = None, scan_time: float = 0.0
+) -> Any:
+    """sensor_msgs/LaserScan of `ranges` (m) at evenly spaced `angles` (rad, counter-clockwise from
+    the frame's x axis), range_min 0."""
+    require_rclpy()
+    from sensor_msgs.msg import LaserScan
+
+    angles = np.asarray(angles, dtype=np.float64).reshape(-1)
+    values = _floats(ranges, len(angles), "LaserScan ranges (one per angle)")
+    increment = float(angles[1] - angles[0]) if len(angles) > 1 else 0.0
+    if len(angles) > 2 and np.max(np.abs(np.diff(angles) - increment)) > 1e-9:
+        raise ValueError("LaserScan angles must be evenly spaced")
+    return LaserScan(
+        header=_header(frame_id, stamp),
+        angle_min=float(angles[0]),
+        angle_max=float(angles[-1]),
+        angle_increment=increment,
+        scan_time=float(scan_time),
+        range_min=0.0,
+        range_max=float(range_max),
+        ranges=values,
+    )
+
+
+def path_msg(xy: Any, frame_id: str, stamp: Any = None) -> Any:
+    """nav_msgs/Path through the positions `xy` (N, 2) at z 0, every pose unrotated and stamped `stamp`."""
+    require_rclpy()
+    from nav_msgs.msg import Path
+
+    points = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    poses = [pose_stamped_msg([x, y, 0.0], [0.0, 0.0, 0.0, 1.0], frame_id, stamp) for x, y in points]
+    return Path(header=_header(frame_id, stamp), poses=poses)
+
+
 def _rgb(rgb: Any) -> np.ndarray:
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
@@ -388,11 +474,18 @@ def joint_trajectory_to_chunk(msg: Any) -> tuple[float, float, np.ndarray, list[
 
 
 def twist_msg(action: Any) -> Any:
-    """geometry_msgs/Twist from 6 values: linear xyz, angular xyz."""
+    """geometry_msgs/Twist from 6 values (linear xyz, angular xyz), or a mobile base's 3 (vx, vy,
+    yaw rate) or 2 (a differential drive's vx, yaw rate); the other components are 0."""
     require_rclpy()
     from geometry_msgs.msg import Twist, Vector3
 
-    lx, ly, lz, ax, ay, az = _floats(action, 6, "Twist (linear xyz, angular xyz)")
+    values = _floats(action, None, "Twist")
+    if len(values) not in TWIST_SIZES:
+        raise ValueError(
+            f"Twist needs 6 values, got {len(values)} (linear xyz, angular xyz; "
+            "a mobile base's 3, vx vy yaw rate, or 2, vx yaw rate)"
+        )
+    lx, ly, lz, ax, ay, az = np.append(values, 0.0)[TWIST_SIZES[len(values)]].tolist()
     return Twist(linear=Vector3(x=lx, y=ly, z=lz), angular=Vector3(x=ax, y=ay, z=az))
 
 

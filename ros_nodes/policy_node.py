@@ -18,8 +18,16 @@ Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
   type JointState | Image | CompressedImage | PoseStamped | Odometry | Float64MultiArray, fields as in
   robomosaic.ros_nodes.messages. A multitask checkpoint's `task_id` is either the parameter `task`
   (a task name of the checkpoint's task set) or `observations.task_id` bound to a std_msgs/String topic.
+- `observation_adapter` ("": every observation key bound to a topic) | navigation: the observation
+  of a robomosaic.sim.mobility policy (scan, velocity, goal, route) computed from three bindings,
+  `observations.scan` (LaserScan), `observations.odom` (Odometry, field planar) and
+  `observations.plan` (Path: the route's waypoints, then the goal, in the frame of /odom's pose),
+  by the simulator's own functions (`NavigationObservation`), so that the node observes as
+  `MobilityEnv` does (see config/mobility_policy.yaml).
 - `command_type` trajectory | forward | twist, `command_topic` (default per type:
-  /joint_trajectory_controller/joint_trajectory, /forward_command_controller/commands, /cmd_vel),
+  /joint_trajectory_controller/joint_trajectory, /forward_command_controller/commands, /cmd_vel);
+  twist takes 6-d actions (linear xyz, angular xyz) or a mobile base's 3-d (vx, vy, yaw rate) or
+  2-d (vx, yaw rate),
   `trajectory_joint_names` (one per action dimension; default for 7-d arm actions:
   dx dy dz droll dpitch dyaw gripper)
 - `control_hz` (default: the checkpoint's), `n_action_steps` (default: the checkpoint's), `blend`
@@ -136,8 +144,15 @@ PARAMETERS: dict[str, Any] = {
     "max_delta": None,
     "gripper_dims": None,
     "task": "",
+    "observation_adapter": "",
     "seed": 0,
     "autostart": False,
+}
+# observation_adapter navigation: its bindings, key -> (message type, field)
+NAVIGATION_INPUTS = {
+    "scan": ("LaserScan", "ranges"),
+    "odom": ("Odometry", "planar"),
+    "plan": ("Path", "positions"),
 }
 LATENCY_WINDOW = 200  # chunks over which the diagnostics' latency percentiles are taken
 
@@ -235,6 +250,86 @@ def spec_shape(key: str, spec: KeySpec, task_set: TaskSet | None) -> tuple[int, 
     if task_set is not None and key == "object":
         return None
     return tuple(spec.shape)
+
+
+class NavigationObservation:
+    """`observation_adapter: navigation`: a robomosaic.sim.mobility policy's observation (scan,
+    velocity, goal, route) from a LaserScan, an Odometry (its planar pose and velocity) and a Path
+    (the route's waypoints, then the goal), with the simulator's `scan_sectors`, `pool_scan` and
+    `navigation_obs`: the node observes exactly as `MobilityEnv` does.
+
+    A non-finite range (NaN, or an infinity, which REP 117 allows for "no return"; the simulated
+    scanners report range_max) or a non-finite pose makes the observation non-finite: the executor
+    rejects it and the node holds, as it does for any other key.
+    """
+
+    def __init__(self, bindings: dict[str, messages.TopicBinding], obs_spec: dict[str, KeySpec]) -> None:
+        from robomosaic.sim.mobility.env import OBS_SPEC
+
+        for key, (type_, field) in NAVIGATION_INPUTS.items():
+            binding = bindings.get(key)
+            if binding is None or (binding.type, binding.field) != (type_, field):
+                got = f"it is bound to a {binding.type} {binding.field}" if binding else "it is not bound"
+                raise ConfigurationError(
+                    f"observation_adapter navigation: bind observations.{key} to a {type_} topic with "
+                    f"field {field} ({got})"
+                )
+        extra = sorted(set(bindings) - set(NAVIGATION_INPUTS))
+        if extra:
+            raise ConfigurationError(
+                f"observation_adapter navigation: observations {extra} are not among its inputs "
+                f"{list(NAVIGATION_INPUTS)}"
+            )
+        expected = {k: tuple(s.shape) for k, s in OBS_SPEC.items()}
+        got = {k: tuple(s.shape) for k, s in obs_spec.items()}
+        if got != expected:
+            raise ConfigurationError(
+                f"observation_adapter navigation: the checkpoint observes {got}, not a navigation "
+                f"policy's {expected}"
+            )
+        self.hops = expected["route"][0] // 2
+
+    def value(self, binding: messages.TopicBinding, msg: Any, value: np.ndarray) -> np.ndarray:
+        """One input from its message (`value` is `message_to_array`'s); ValueError names what is wrong."""
+        from robomosaic.sim.mobility.env import pool_scan, scan_sectors
+
+        if binding.key == "scan":
+            ranges = np.where(np.isfinite(value), value, np.nan)
+            with np.errstate(invalid="ignore"):  # a NaN range pools into a NaN sector
+                return pool_scan(ranges, scan_sectors(self.scan_angles(msg)))
+        if binding.key == "plan" and len(value) != self.hops + 1:
+            raise ValueError(
+                f"observation 'route' (topic {binding.topic!r}): the plan has {len(value)} poses; the "
+                f"policy needs its route's {self.hops} waypoints and the goal"
+            )
+        return value
+
+    @staticmethod
+    def scan_angles(msg: Any) -> np.ndarray:
+        """The scan's ray angles. LaserScan carries them in float32, and rays of the simulated
+        scanners lie exactly on sector boundaries (kaya: every second one), where float32's rounding
+        would move them into the neighbouring sector; so when the angles are those of a scanner
+        config (`ScanConfig.angles`, field of view at 0.001 deg), they are taken from it in float64."""
+        from robomosaic.sim.mobility.embodiments import ScanConfig
+
+        angles = messages.laser_scan_angles(msg)
+        n = len(angles)
+        if n < 2:
+            return angles
+        full = abs(n * float(msg.angle_increment) - 2 * np.pi) < 1e-5
+        fov = 360.0 if full else round(float(np.rad2deg(angles[-1] - angles[0])), 3)
+        config = ScanConfig(fov_deg=fov, rays=n).angles()
+        return config if np.allclose(config, angles, rtol=0.0, atol=1e-5) else angles
+
+    def observe(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The policy observation from the newest value of every input."""
+        from robomosaic.sim.mobility.env import navigation_obs
+
+        odom, plan = values["odom"], values["plan"]
+        obs = navigation_obs(
+            values["scan"][None], odom[None, 3:], plan[None, -1], plan[None, :-1], odom[None, :3]
+        )
+        return {key: value[0] for key, value in obs.items()}
 
 
 def _float_list(name: str, value: Any) -> list[float] | None:
@@ -344,7 +439,16 @@ class PolicyNode(LifecycleNode):
         self.bindings = parse_bindings(
             {name: p.value for name, p in self.get_parameters_by_prefix("observations").items()}
         )
-        check_bindings(self.bindings, self.obs_spec, self.task_set, self.task or "")
+        adapter = str(self._param("observation_adapter"))
+        if adapter == "navigation":
+            self.adapter: NavigationObservation | None = NavigationObservation(self.bindings, self.obs_spec)
+        elif adapter:
+            raise ConfigurationError(
+                f"parameter observation_adapter: {adapter!r} is not '' (topics bound per key) or 'navigation'"
+            )
+        else:
+            self.adapter = None
+            check_bindings(self.bindings, self.obs_spec, self.task_set, self.task or "")
 
         action_spec: KeySpec = interface.action_spec
         self.action_dim = int(np.prod(action_spec.shape))
@@ -353,10 +457,10 @@ class PolicyNode(LifecycleNode):
             raise ConfigurationError(
                 f"parameter command_type: {self.command_type!r} is not one of {', '.join(COMMAND_TYPES)}"
             )
-        if self.command_type == "twist" and self.action_dim != 6:
+        if self.command_type == "twist" and self.action_dim not in messages.TWIST_SIZES:
             raise ConfigurationError(
-                f"parameter command_type: twist needs a 6-d action (linear, angular), "
-                f"the checkpoint's action has {self.action_dim}"
+                f"parameter command_type: twist needs a 6-d action (linear, angular), a 3-d (vx, vy, "
+                f"yaw rate) or a 2-d (vx, yaw rate); the checkpoint's action has {self.action_dim}"
             )
         self.joint_names = self._param("trajectory_joint_names")
         if self.joint_names is None:
@@ -666,7 +770,12 @@ class PolicyNode(LifecycleNode):
                 return
             for binding in bindings:
                 try:
-                    value = self._checked(binding, messages.message_to_array(msg, binding))
+                    value = messages.message_to_array(msg, binding)
+                    value = (
+                        self.adapter.value(binding, msg, value)
+                        if self.adapter
+                        else self._checked(binding, value)
+                    )
                 except ValueError as e:
                     self._counts["bad_messages"] += 1
                     self.get_logger().error(f"rejected a message: {e}", throttle_duration_sec=2.0)
@@ -710,6 +819,8 @@ class PolicyNode(LifecycleNode):
             samples = {k: self._latest[k] for k in keys}
             task = self.task
         obs = {k: s.value for k, s in samples.items()}
+        if self.adapter is not None:
+            obs = self.adapter.observe(obs)
         if self.task_set is not None:
             obs = self.task_set.adapt(obs, task)
         self.chunk_executor.observe(obs, min(s.stamp for s in samples.values()))

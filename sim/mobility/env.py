@@ -134,7 +134,9 @@ class MobilityEnv:
         self._rngs = [np.random.default_rng(0) for _ in range(self.n)]
         self._raw_scans: list[np.ndarray] = [np.zeros(len(a)) for a in self._angles]
         self._route = np.zeros((self.n, len(ROUTE_HOPS), 2))
-        self._routes = RouteTable(self.n)
+        self._routes = RouteTable(self.n)  # on the map: what the base is told
+        self._expert_route = np.zeros((self.n, len(ROUTE_HOPS), 2))
+        self._expert_routes = RouteTable(self.n)  # on every obstacle: what the expert knows
 
     @property
     def spec(self) -> TaskSpec:
@@ -185,8 +187,7 @@ class MobilityEnv:
         tree = slice(model.body_bvhadr[0], model.body_bvhadr[0] + model.body_bvhnum[0])
         model.bvh_aabb[tree] = (ROOM / 2, ROOM / 2, HEIGHT / 2, ROOM, ROOM, HEIGHT)
         self.worlds[i] = world
-        self.planners[i] = GridPlanner(world.occupancy, self.embodiments[i].radius, goal)
-        self._routes.set(i, self.planners[i])
+        self._plan(i)
         self.pose[i] = world.start
         self.velocity[i] = 0.0
         self.dynamics.reset(i)
@@ -203,10 +204,21 @@ class MobilityEnv:
         goal = np.asarray(goal, dtype=np.float64).reshape(2)
         world.check_free(goal, radius)
         world.goal = goal
-        self.planners[i] = GridPlanner(world.occupancy, radius, goal)
-        self._routes.set(i, self.planners[i])
-        self._route[[i]] = self._routes.route(self.pose[[i], :2], [i])
+        self._plan(i)
+        self._look_up_routes([i])
         self.steps[i] = 0
+
+    def _plan(self, i: int) -> None:
+        """World i's two planners to its goal: on the map (the route the base observes) and on
+        every obstacle (the route the expert follows)."""
+        world, radius = self.worlds[i], self.embodiments[i].radius
+        self.planners[i] = GridPlanner(world.map_occupancy, radius, world.goal)
+        self._routes.set(i, self.planners[i])
+        self._expert_routes.set(i, GridPlanner(world.occupancy, radius, world.goal))
+
+    def _look_up_routes(self, indices: Sequence[int] | range) -> None:
+        self._route[indices] = self._routes.route(self.pose[indices, :2], indices)
+        self._expert_route[indices] = self._expert_routes.route(self.pose[indices, :2], indices)
 
     def step(
         self, actions: np.ndarray
@@ -260,7 +272,7 @@ class MobilityEnv:
             dist[dist < 0] = scan.range  # no return within range
             noisy = dist + self._rngs[i].normal(0.0, scan.noise, len(dist))
             self._raw_scans[i] = np.clip(noisy, 0.0, scan.range)
-        self._route[indices] = self._routes.route(self.pose[indices, :2], indices)
+        self._look_up_routes(indices)
         return collided
 
     def raw_scan(self, i: int) -> np.ndarray:
@@ -281,6 +293,13 @@ class MobilityEnv:
             self._route,
             self.pose,
         )
+
+    def expert_route(self, indices: Sequence[int]) -> np.ndarray:
+        """(len(indices), hops * 2) the route around every obstacle, mapped or not, in each base's
+        frame: privileged information for the expert, never part of the observation."""
+        indices = list(indices)
+        route = to_body_frame(self._expert_route[indices], self.pose[indices])
+        return route.reshape(len(indices), -1).astype(np.float32)
 
     def route(self, i: int) -> np.ndarray:
         """World i's current route: (hops, 2) waypoints in the world frame, the last one nearest the goal."""

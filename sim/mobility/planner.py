@@ -130,11 +130,12 @@ def to_body_frame(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
 
 
 class RouteExpert:
-    """Pure pursuit of the planner's route, tuned for `carter` (embodiment A).
+    """Pure pursuit of a route, tuned for `carter` (embodiment A).
 
-    It reads only the observation (goal and route in the body frame), as the imitation policy does:
-    it steers toward the route's second waypoint (about 1 m ahead), or the goal once that is nearer;
-    a differential drive slows down while it turns, a holonomic base also moves sideways.
+    It reads a goal and a route in the body frame: it steers toward the route's second waypoint
+    (about 1 m ahead), or the goal once that is nearer; a differential drive slows down while it
+    turns, a holonomic base also moves sideways. As a demonstrator (`rollout.RouteExpertPolicy`) it
+    follows the route around every obstacle, including those the base's map lacks.
     """
 
     def __init__(

@@ -47,16 +47,18 @@ class NavEpisode:
 
 
 class RouteExpertPolicy:
-    """`planner.RouteExpert` as a `Policy` over the worlds of `env`."""
+    """`planner.RouteExpert` as a `Policy` over the worlds of `env`, following the route around
+    every obstacle (`env.expert_route`), including those missing from the map the base is given."""
 
     def __init__(self, env: MobilityEnv) -> None:
+        self.env = env
         self.expert = RouteExpert(env.embodiments)
 
     def reset(self, env_index: int, obs: Obs, seed: int) -> None:
         """The expert keeps no state between steps."""
 
     def act(self, obs: Sequence[Obs], env_indices: Sequence[int]) -> np.ndarray:
-        batch = {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+        batch = {"goal": np.stack([o["goal"] for o in obs]), "route": self.env.expert_route(env_indices)}
         return self.expert(batch, worlds=env_indices)
 
 

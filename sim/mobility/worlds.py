@@ -6,9 +6,12 @@
 
 Three layout families: `corridors` (long walls with gaps at alternating ends: a serpentine),
 `doorways` (one or two walls across the room, each with one door, plus a few boxes) and `clutter`
-(boxes of many sizes and angles). The same seed gives the same world, start and goal for every
-embodiment, so embodiments are compared on identical episodes: start and goal keep
-`CLEARANCE` from every obstacle and are connected for the widest footprint (`MAX_RADIUS`).
+(boxes of many sizes and angles). Walls are on the map the base's planner plans on; some boxes are
+not (`World.mapped`: furniture moved since the map was made), as in a real building, so that a
+policy must see them with its range sensor and leave the planned route to pass them.
+The same seed gives the same world, start and goal for every embodiment, so embodiments are
+compared on identical episodes: start and goal keep `CLEARANCE` from every obstacle and are
+connected for the widest footprint (`MAX_RADIUS`).
 """
 
 from __future__ import annotations
@@ -41,9 +44,15 @@ class World:
     seed: int
     family: str
     boxes: np.ndarray  # (K, 5) cx, cy, hx, hy, yaw
+    mapped: np.ndarray  # (K,) bool: on the map the planner is given
     start: np.ndarray  # (3,) x, y, yaw
     goal: np.ndarray  # (2,) x, y
-    occupancy: np.ndarray  # (H, W) bool
+    occupancy: np.ndarray  # (H, W) bool, every obstacle
+
+    @property
+    def map_occupancy(self) -> np.ndarray:
+        """The occupancy grid of the mapped obstacles only: what the base's planner knows."""
+        return rasterize(self.boxes[self.mapped])
 
     @property
     def clearance(self) -> np.ndarray:
@@ -112,6 +121,18 @@ def _wall_with_gaps(along_x: bool, at: float, gaps: list[tuple[float, float]]) -
     return boxes
 
 
+UNMAPPED = 0.0  # the 6th value of a layout box: 1.0 mapped, 0.0 not on the map
+
+
+def _unmapped_boxes(rng: np.random.Generator, count: int) -> list[tuple[float, ...]]:
+    """Boxes the map does not show, anywhere in the room (start and goal keep clear of them)."""
+    boxes = []
+    for _ in range(count):
+        half = rng.uniform(0.15, 0.45, 2)
+        boxes.append((*rng.uniform(1.0, ROOM - 1.0, 2), *half, rng.uniform(0, np.pi), UNMAPPED))
+    return boxes
+
+
 def _corridors(rng: np.random.Generator) -> list[tuple[float, ...]]:
     n_walls = int(rng.integers(2, 4))
     along_x = bool(rng.random() < 0.5)
@@ -121,7 +142,7 @@ def _corridors(rng: np.random.Generator) -> list[tuple[float, ...]]:
         width = rng.uniform(1.4, 2.0)
         gap = (0.0, width) if (i % 2 == 0) == bool(rng.random() < 0.5) else (ROOM - width, ROOM)
         boxes += _wall_with_gaps(along_x, float(at), [gap])
-    return boxes
+    return boxes + _unmapped_boxes(rng, int(rng.integers(1, 4)))
 
 
 def _doorways(rng: np.random.Generator) -> list[tuple[float, ...]]:
@@ -132,9 +153,9 @@ def _doorways(rng: np.random.Generator) -> list[tuple[float, ...]]:
         width = rng.uniform(1.2, 1.6)
         door = rng.uniform(0.5, ROOM - 0.5 - width)
         boxes += _wall_with_gaps(along_x, float(at), [(door, door + width)])
-    for _ in range(int(rng.integers(0, 5))):
+    for _ in range(int(rng.integers(0, 4))):
         boxes.append((*rng.uniform(1.0, ROOM - 1.0, 2), *rng.uniform(0.15, 0.45, 2), rng.uniform(0, np.pi)))
-    return boxes
+    return boxes + _unmapped_boxes(rng, int(rng.integers(1, 4)))
 
 
 def _clutter(rng: np.random.Generator) -> list[tuple[float, ...]]:
@@ -146,7 +167,7 @@ def _clutter(rng: np.random.Generator) -> list[tuple[float, ...]]:
         else:
             half = rng.uniform(0.15, 0.7, 2)
             boxes.append((*rng.uniform(0.8, ROOM - 0.8, 2), *half, rng.uniform(0, np.pi)))
-    return boxes
+    return boxes + _unmapped_boxes(rng, int(rng.integers(2, 5)))
 
 
 LAYOUTS = {"corridors": _corridors, "doorways": _doorways, "clutter": _clutter}
@@ -163,7 +184,9 @@ def make_world(seed: int, family: str | None = None, families: tuple[str, ...] =
     family = family or str(rng.choice(list(families)))
     xy = cell_centres()
     for _ in range(100):  # almost every layout has a usable start and goal at the first try
-        boxes = np.array(_outer_walls() + LAYOUTS[family](rng), dtype=np.float64)[:MAX_BOXES]
+        layout = [b if len(b) == 6 else (*b, 1.0) for b in _outer_walls() + LAYOUTS[family](rng)]
+        layout = np.array(layout, dtype=np.float64)[:MAX_BOXES]
+        boxes, mapped = layout[:, :5], layout[:, 5] > 0
         occupancy = rasterize(boxes)
         clear = (ndimage.distance_transform_edt(~occupancy) * RESOLUTION).ravel() >= CLEARANCE
         candidates = np.flatnonzero(clear)
@@ -178,5 +201,5 @@ def make_world(seed: int, family: str | None = None, families: tuple[str, ...] =
         if not np.isfinite(GridPlanner(occupancy, MAX_RADIUS, goal).distance_at(start[None])[0]):
             continue  # the widest base could not get there
         start = np.array([*start, rng.uniform(-np.pi, np.pi)])
-        return World(int(seed), family, boxes, start, goal, occupancy)
+        return World(int(seed), family, boxes, mapped, start, goal, occupancy)
     raise WorldError(f"world {seed}: no connected start and goal in 100 {family} layouts")

@@ -48,11 +48,7 @@ class World:
     start: np.ndarray  # (3,) x, y, yaw
     goal: np.ndarray  # (2,) x, y
     occupancy: np.ndarray  # (H, W) bool, every obstacle
-
-    @property
-    def map_occupancy(self) -> np.ndarray:
-        """The occupancy grid of the mapped obstacles only: what the base's planner knows."""
-        return rasterize(self.boxes[self.mapped])
+    map_occupancy: np.ndarray  # (H, W) bool, the mapped obstacles only: what the base's planner knows
 
     @property
     def clearance(self) -> np.ndarray:
@@ -187,7 +183,8 @@ def make_world(seed: int, family: str | None = None, families: tuple[str, ...] =
         layout = [b if len(b) == 6 else (*b, 1.0) for b in _outer_walls() + LAYOUTS[family](rng)]
         layout = np.array(layout, dtype=np.float64)[:MAX_BOXES]
         boxes, mapped = layout[:, :5], layout[:, 5] > 0
-        occupancy = rasterize(boxes)
+        map_occupancy = rasterize(boxes[mapped])
+        occupancy = map_occupancy | rasterize(boxes[~mapped])
         clear = (ndimage.distance_transform_edt(~occupancy) * RESOLUTION).ravel() >= CLEARANCE
         candidates = np.flatnonzero(clear)
         if len(candidates) < 2:
@@ -201,5 +198,5 @@ def make_world(seed: int, family: str | None = None, families: tuple[str, ...] =
         if not np.isfinite(GridPlanner(occupancy, MAX_RADIUS, goal).distance_at(start[None])[0]):
             continue  # the widest base could not get there
         start = np.array([*start, rng.uniform(-np.pi, np.pi)])
-        return World(int(seed), family, boxes, mapped, start, goal, occupancy)
+        return World(int(seed), family, boxes, mapped, start, goal, occupancy, map_occupancy)
     raise WorldError(f"world {seed}: no connected start and goal in 100 {family} layouts")

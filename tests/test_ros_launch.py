@@ -81,6 +81,11 @@ def test_sim_arm_policy_launch_file():
             ["quadrotor_sim", "quadrotor_controller"],
         ),
         ("policy_robot.launch.xml", [f"checkpoint:={CHECKPOINT}", "namespace:=arm1"], ["policy"]),
+        (
+            "mobility_sim_policy.launch.xml",
+            [f"checkpoint:={ROOT / 'tests' / 'assets' / 'nav_flow'}", "embodiment:=spot"],
+            ["sim", "policy"],
+        ),
     ],
 )
 def test_every_launch_file_prints_its_commands(file, arguments, nodes):

@@ -214,7 +214,7 @@ class MobilityEnv:
         world, radius = self.worlds[i], self.embodiments[i].radius
         self.planners[i] = GridPlanner(world.map_occupancy, radius, world.goal)
         self._routes.set(i, self.planners[i])
-        self._expert_routes.set(i, GridPlanner(world.occupancy, radius, world.goal))
+        self._expert_routes.set(i, GridPlanner(world.occupancy, radius, world.goal, world.clearance))
 
     def _look_up_routes(self, indices: Sequence[int] | range) -> None:
         self._route[indices] = self._routes.route(self.pose[indices, :2], indices)

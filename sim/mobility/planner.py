@@ -16,54 +16,66 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.sparse import coo_matrix
+from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
 from robomosaic.sim.mobility.embodiments import Embodiment
-from robomosaic.sim.mobility.worlds import GRID, RESOLUTION, cell_centres, cell_of
+from robomosaic.sim.mobility.worlds import CELL_CENTRES, GRID, RESOLUTION, cell_of, clearance_of
 
 INFLATION = 0.3  # m, decay length of the extra cost near obstacles
 INFLATION_COST = 4.0  # extra cost factor right at the lethal boundary
 ROUTE_HOPS = (5, 10, 15, 20)  # cells along the path: waypoints about 0.5, 1, 1.5, 2 m ahead
 
 
-class GridPlanner:
-    """Distances to `goal` and next steps toward it from every cell of `occupancy`."""
+def _grid_edges() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Every pair of 8-neighbour cells of the grid, once: (a, b, step length), and the CSR layout
+    (indices, indptr) of the graph holding each pair in both directions, built here once so that a
+    planner only fills in the edge costs."""
+    index = np.arange(GRID * GRID).reshape(GRID, GRID)
+    a, b, length = [], [], []
+    for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        a.append(index[: GRID - dr, max(0, -dc) : GRID - max(0, dc)].ravel())  # cell (r, c) ...
+        b.append(index[dr:, max(0, dc) : GRID - max(0, -dc)].ravel())  # ... and (r + dr, c + dc)
+        length.append(np.full(a[-1].size, np.hypot(dr, dc) * RESOLUTION))
+    a, b, length = np.concatenate(a), np.concatenate(b), np.concatenate(length)
+    order = np.lexsort((np.concatenate([b, a]), np.concatenate([a, b])))  # by row, then column
+    indices = np.concatenate([b, a])[order].astype(np.int32)
+    indptr = np.searchsorted(np.concatenate([a, b])[order], np.arange(GRID * GRID + 1)).astype(np.int32)
+    return a, b, length, order, (indices, indptr)
 
-    def __init__(self, occupancy: np.ndarray, radius: float, goal: np.ndarray) -> None:
-        n_rows, n_cols = occupancy.shape
-        clearance = ndimage.distance_transform_edt(~occupancy) * RESOLUTION
+
+_EDGE_A, _EDGE_B, _EDGE_LENGTH, _EDGE_ORDER, _CSR = _grid_edges()
+
+
+class GridPlanner:
+    """Distances to `goal` and next steps toward it from every cell of `occupancy`
+    (`clearance`, its `worlds.clearance_of`, is computed unless given)."""
+
+    def __init__(
+        self, occupancy: np.ndarray, radius: float, goal: np.ndarray, clearance: np.ndarray | None = None
+    ) -> None:
+        n_cells = GRID * GRID
+        clearance = clearance_of(occupancy) if clearance is None else clearance
         free = clearance >= radius
         # a robot that ends up in a lethal cell is routed from the nearest free cell
         _, (near_r, near_c) = ndimage.distance_transform_edt(~free, return_indices=True)
-        self.nearest_free = (near_r * n_cols + near_c).ravel()
+        self.nearest_free = (near_r * GRID + near_c).ravel()
         weight = (1.0 + INFLATION_COST * np.exp(-(clearance - radius) / INFLATION)).ravel()
-        index = np.arange(n_rows * n_cols).reshape(n_rows, n_cols)
-        rows, cols, lengths = [], [], []
-        for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1)):
-            a = index[: n_rows - dr, max(0, -dc) : n_cols - max(0, dc)]  # cell (r, c) ...
-            b = index[dr:, max(0, dc) : n_cols - max(0, -dc)]  # ... and its neighbour (r + dr, c + dc)
-            both = free.ravel()[a.ravel()] & free.ravel()[b.ravel()]
-            a, b = a.ravel()[both], b.ravel()[both]
-            rows.append(a)
-            cols.append(b)
-            lengths.append(np.hypot(dr, dc) * RESOLUTION * (weight[a] + weight[b]) / 2)
-        rows, cols, lengths = np.concatenate(rows), np.concatenate(cols), np.concatenate(lengths)
-        graph = coo_matrix((lengths, (rows, cols)), shape=(index.size, index.size)).tocsr()
+        free = free.ravel()
+        cost = _EDGE_LENGTH * (weight[_EDGE_A] + weight[_EDGE_B]) / 2
+        cost[~(free[_EDGE_A] & free[_EDGE_B])] = np.inf  # no way into or out of a lethal cell
+        graph = csr_matrix((np.concatenate([cost, cost])[_EDGE_ORDER], *_CSR), shape=(n_cells, n_cells))
         self.goal = np.asarray(goal, dtype=np.float64).reshape(2)
         r, c = cell_of(self.goal[None])[0]
-        goal_cell = int(self.nearest_free[r * n_cols + c])
-        self.distance, predecessors = dijkstra(
-            graph, directed=False, indices=goal_cell, return_predecessors=True
-        )
+        goal_cell = int(self.nearest_free[r * GRID + c])
+        self.distance, predecessors = dijkstra(graph, indices=goal_cell, return_predecessors=True)
         # The search ran from the goal, so a cell's predecessor is its next cell toward the goal.
-        self.next_cell = np.where(predecessors >= 0, predecessors, np.arange(index.size))
-        self._n_cols = n_cols
+        self.next_cell = np.where(predecessors >= 0, predecessors, np.arange(n_cells))
 
     def cells(self, xy: np.ndarray) -> np.ndarray:
         """The flat cell index the route starts from at each of `xy` (N, 2): the nearest free cell."""
         rc = cell_of(np.asarray(xy, dtype=np.float64).reshape(-1, 2))
-        return self.nearest_free[rc[:, 0] * self._n_cols + rc[:, 1]]
+        return self.nearest_free[rc[:, 0] * GRID + rc[:, 1]]
 
     def distance_at(self, xy: np.ndarray) -> np.ndarray:
         """(N,) path cost (m, inflated near obstacles) from each position to the goal; inf if cut off."""
@@ -86,7 +98,7 @@ class RouteTable:
         self.planners: list[GridPlanner | None] = [None] * n
         self.next_cell: np.ndarray | None = None  # (n, cells) flat indices into (n * cells)
         self.nearest_free: np.ndarray | None = None  # (n, cells) indices within a world's grid
-        self.centres = cell_centres()
+        self.centres = CELL_CENTRES
 
     def set(self, i: int, planner: GridPlanner) -> None:
         size = planner.next_cell.size

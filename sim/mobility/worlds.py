@@ -49,11 +49,7 @@ class World:
     goal: np.ndarray  # (2,) x, y
     occupancy: np.ndarray  # (H, W) bool, every obstacle
     map_occupancy: np.ndarray  # (H, W) bool, the mapped obstacles only: what the base's planner knows
-
-    @property
-    def clearance(self) -> np.ndarray:
-        """Distance (m) from every cell centre to the nearest occupied cell."""
-        return ndimage.distance_transform_edt(~self.occupancy) * RESOLUTION
+    clearance: np.ndarray  # (H, W) m from every cell centre to the nearest cell of `occupancy`
 
     def check_free(self, xy: np.ndarray, radius: float, what: str = "goal") -> None:
         """Raise `WorldError` unless a disc of `radius` at `xy` lies in free space inside the room."""
@@ -76,24 +72,30 @@ def cell_of(xy: np.ndarray) -> np.ndarray:
     return np.stack([rows, cols], axis=1)
 
 
-def cell_centres() -> np.ndarray:
-    """(H * W, 2) x, y of every cell centre, row-major."""
-    c = (np.arange(GRID) + 0.5) * RESOLUTION
-    x, y = np.meshgrid(c, c)
-    return np.stack([x.ravel(), y.ravel()], axis=1)
+def clearance_of(occupancy: np.ndarray) -> np.ndarray:
+    """(H, W) distance (m) from every cell centre to the nearest occupied cell."""
+    return ndimage.distance_transform_edt(~occupancy) * RESOLUTION
+
+
+_CENTRE = (np.arange(GRID) + 0.5) * RESOLUTION  # a cell centre's x (by column) or y (by row)
+CELL_CENTRES = np.stack([np.tile(_CENTRE, GRID), np.repeat(_CENTRE, GRID)], axis=1)  # (H * W, 2) x, y
+CELL_CENTRES.setflags(write=False)
 
 
 def rasterize(boxes: np.ndarray) -> np.ndarray:
     """The occupancy grid of oriented boxes: a cell is occupied when its centre lies in a box."""
-    xy = cell_centres()
-    occupied = np.zeros(len(xy), dtype=bool)
+    occupied = np.zeros((GRID, GRID), dtype=bool)
     for cx, cy, hx, hy, yaw in boxes:
-        d = xy - (cx, cy)
-        c, s = np.cos(yaw), np.sin(yaw)
-        u, v = c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]
         # half a cell of slack: a thin wall must not fall between cell centres
-        occupied |= (np.abs(u) <= hx + RESOLUTION / 2) & (np.abs(v) <= hy + RESOLUTION / 2)
-    return occupied.reshape(GRID, GRID)
+        ex, ey = hx + RESOLUTION / 2, hy + RESOLUTION / 2
+        reach = np.hypot(ex, ey)  # only the cells within the box's bounding circle can be in it
+        cols = slice(*np.clip(np.searchsorted(_CENTRE, [cx - reach, cx + reach + RESOLUTION]), 0, GRID))
+        rows = slice(*np.clip(np.searchsorted(_CENTRE, [cy - reach, cy + reach + RESOLUTION]), 0, GRID))
+        dx, dy = _CENTRE[None, cols] - cx, _CENTRE[rows, None] - cy
+        c, s = np.cos(yaw), np.sin(yaw)
+        u, v = c * dx + s * dy, -s * dx + c * dy
+        occupied[rows, cols] |= (np.abs(u) <= ex) & (np.abs(v) <= ey)
+    return occupied
 
 
 def _outer_walls() -> list[tuple[float, ...]]:
@@ -171,22 +173,20 @@ LAYOUTS = {"corridors": _corridors, "doorways": _doorways, "clutter": _clutter}
 
 def make_world(seed: int, family: str | None = None, families: tuple[str, ...] = FAMILIES) -> World:
     """The world of `seed` (see module docstring). The family is drawn from `families` unless given."""
-    from robomosaic.sim.mobility.planner import GridPlanner
-
     for name in (family,) if family else families:
         if name not in LAYOUTS:
             raise WorldError(f"unknown layout family {name!r}; known: {sorted(LAYOUTS)}")
     rng = np.random.default_rng([int(seed), 7001])
     family = family or str(rng.choice(list(families)))
-    xy = cell_centres()
+    xy = CELL_CENTRES
     for _ in range(100):  # almost every layout has a usable start and goal at the first try
         layout = [b if len(b) == 6 else (*b, 1.0) for b in _outer_walls() + LAYOUTS[family](rng)]
         layout = np.array(layout, dtype=np.float64)[:MAX_BOXES]
         boxes, mapped = layout[:, :5], layout[:, 5] > 0
         map_occupancy = rasterize(boxes[mapped])
         occupancy = map_occupancy | rasterize(boxes[~mapped])
-        clear = (ndimage.distance_transform_edt(~occupancy) * RESOLUTION).ravel() >= CLEARANCE
-        candidates = np.flatnonzero(clear)
+        clearance = clearance_of(occupancy)
+        candidates = np.flatnonzero(clearance.ravel() >= CLEARANCE)
         if len(candidates) < 2:
             continue
         start = xy[rng.choice(candidates)]
@@ -195,8 +195,11 @@ def make_world(seed: int, family: str | None = None, families: tuple[str, ...] =
         if len(goals) == 0:
             continue
         goal = xy[rng.choice(goals)]
-        if not np.isfinite(GridPlanner(occupancy, MAX_RADIUS, goal).distance_at(start[None])[0]):
+        # connected for the widest base: the planner's graph (8 neighbours, both cells free)
+        (start_row, start_col), (goal_row, goal_col) = cell_of(np.stack([start, goal]))
+        regions, _ = ndimage.label(clearance >= MAX_RADIUS, structure=np.ones((3, 3)))
+        if regions[start_row, start_col] != regions[goal_row, goal_col]:
             continue  # the widest base could not get there
         start = np.array([*start, rng.uniform(-np.pi, np.pi)])
-        return World(int(seed), family, boxes, mapped, start, goal, occupancy, map_occupancy)
+        return World(int(seed), family, boxes, mapped, start, goal, occupancy, map_occupancy, clearance)
     raise WorldError(f"world {seed}: no connected start and goal in 100 {family} layouts")

@@ -200,9 +200,11 @@ class DenoisingPolicy(nn.Module):
     def bind(self, obs: Mapping[str, Tensor], name: str = "policy") -> BoundDenoiser:
         """This policy's denoiser with a batch of observation histories {key: (B, n_obs_steps, ...)}
         in robot units encoded once (the inference core's unit, `inference.sample_chunk`)."""
-        return self._bind_cond(self.encode(obs), name)
+        return self.bind_encoded(self.encode(obs), name)
 
-    def _bind_cond(self, cond: Tensor, name: str = "policy") -> BoundDenoiser:
+    def bind_encoded(self, cond: Tensor, name: str = "policy") -> BoundDenoiser:
+        """`bind` for observations already encoded (`encode`), for callers that use the condition
+        itself too (COMPASS's residual reads the base's features)."""
         fast = self._fast_denoise(cond)
 
         def denoise(x: Tensor, sigma: Tensor) -> Tensor:
@@ -280,7 +282,7 @@ class DenoisingPolicy(nn.Module):
                 rows = [history_batch(h, self.encoder.obs_keys, self.n_obs_steps, device) for h in histories]
                 cond = torch.cat([self.encode(obs) for obs in rows])
                 if self._fast_denoise(cond) is not None:
-                    chunks = sample_chunk(self._bind_cond(cond), generator=RowGenerators(generators))
+                    chunks = sample_chunk(self.bind_encoded(cond), generator=RowGenerators(generators))
                     return list(chunks.cpu().numpy().astype(np.float64))
         return [self.predict_chunk(h, c, g) for h, c, g in zip(histories, committed, generators, strict=True)]
 

@@ -22,7 +22,6 @@ scan as its scanner produces it (its own field of view and ray count), for `sens
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import mujoco
 import numpy as np
@@ -126,7 +125,6 @@ class MobilityEnv:
         self._base_body = self._models[0].body("base").id
         self._footprint = self._models[0].geom("footprint").id
         self.worlds: list[World | None] = [None] * self.n
-        self.planners: list[GridPlanner | None] = [None] * self.n
         self.pose = np.zeros((self.n, 3))
         self.velocity = np.zeros((self.n, 3))
         self.steps = np.zeros(self.n, dtype=int)
@@ -212,8 +210,7 @@ class MobilityEnv:
         """World i's two planners to its goal: on the map (the route the base observes) and on
         every obstacle (the route the expert follows)."""
         world, radius = self.worlds[i], self.embodiments[i].radius
-        self.planners[i] = GridPlanner(world.map_occupancy, radius, world.goal)
-        self._routes.set(i, self.planners[i])
+        self._routes.set(i, GridPlanner(world.map_occupancy, radius, world.goal))
         self._expert_routes.set(i, GridPlanner(world.occupancy, radius, world.goal, world.clearance))
 
     def _look_up_routes(self, indices: Sequence[int] | range) -> None:
@@ -310,6 +307,3 @@ class MobilityEnv:
         return np.array(
             [self.seeds[i], self.steps[i], *self.pose[i], *self.dynamics.velocity[i], *self.worlds[i].goal]
         )
-
-    def info(self) -> dict[str, Any]:
-        return {"embodiments": [e.name for e in self.embodiments], "seeds": self.seeds.tolist()}

@@ -95,7 +95,7 @@ class RouteTable:
 
     def __init__(self, n: int, hops: tuple[int, ...] = ROUTE_HOPS) -> None:
         self.hops = hops
-        self.planners: list[GridPlanner | None] = [None] * n
+        self.n = n
         self.next_cell: np.ndarray | None = None  # (n, cells) flat indices into (n * cells)
         self.nearest_free: np.ndarray | None = None  # (n, cells) indices within a world's grid
         self.centres = CELL_CENTRES
@@ -103,14 +103,13 @@ class RouteTable:
     def set(self, i: int, planner: GridPlanner) -> None:
         size = planner.next_cell.size
         if self.next_cell is None:
-            self.next_cell = np.tile(np.arange(size), (len(self.planners), 1))
-            self.next_cell += np.arange(len(self.planners))[:, None] * size
-            self.goals = np.zeros((len(self.planners), 2))
-            self.nearest_free = np.zeros((len(self.planners), size), dtype=int)
+            self.next_cell = np.tile(np.arange(size), (self.n, 1))
+            self.next_cell += np.arange(self.n)[:, None] * size
+            self.goals = np.zeros((self.n, 2))
+            self.nearest_free = np.zeros((self.n, size), dtype=int)
         self.next_cell[i] = planner.next_cell + i * size
         self.nearest_free[i] = planner.nearest_free
         self.goals[i] = planner.goal
-        self.planners[i] = planner
 
     def route(self, xy: np.ndarray, worlds: np.ndarray | Sequence[int]) -> np.ndarray:
         """(N, len(hops), 2) waypoints for the positions `xy` (N, 2) in the worlds `worlds`."""

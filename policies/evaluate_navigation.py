@@ -13,7 +13,7 @@ starts and goals on every embodiment.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from robomosaic.policies.rollout import ChunkPolicy, ExecutorPolicy, warm_up
 from robomosaic.sim.mobility.env import MobilityEnv
 from robomosaic.sim.mobility.rollout import RouteExpertPolicy, run_navigation, summarize
+from robomosaic.sim.vector import Policy
 
 EXPERT = "expert"
 
@@ -58,42 +59,17 @@ def evaluate_navigation(
     threads = torch.get_num_threads()
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
-    results: dict[str, Any] = {}
     try:
         if str(policy) != EXPERT:
             warm_up(policy)
-        for name in embodiments:
-            start = time.perf_counter()
-            kwargs = {"families": tuple(families)} if families else {}
-            env = MobilityEnv([name] * min(worlds, episodes), **kwargs)
+
+        def runner(env: MobilityEnv) -> Policy:
             if str(policy) == EXPERT:
-                runner = RouteExpertPolicy(env)
-            else:
-                check_spec(policy, env.spec)
-                runner = ExecutorPolicy(
-                    policy, env.spec, n_action_steps=n_action_steps, seed=seed, gripper_dims=()
-                )
-            seeds = range(seed_offset, seed_offset + episodes)
-            with tqdm(total=episodes, desc=f"nav {name}", unit="episode", disable=not progress) as bar:
-                done = list(run_navigation(env, seeds, runner, on_episode=lambda _: bar.update()))
-            done.sort(key=lambda e: e.seed)
-            results[name] = {
-                **summarize(done),
-                "seconds": time.perf_counter() - start,
-                "by_family": {
-                    f: summarize([e for e in done if e.family == f]) for f in sorted({e.family for e in done})
-                },
-                "episodes_list": [
-                    {
-                        "seed": e.seed,
-                        "success": e.success,
-                        "collision": e.collision,
-                        "time": e.time,
-                        "family": e.family,
-                    }
-                    for e in done
-                ],
-            }
+                return RouteExpertPolicy(env)
+            check_spec(policy, env.spec)
+            return ExecutorPolicy(policy, env.spec, n_action_steps=n_action_steps, seed=seed, gripper_dims=())
+
+        results = evaluate_runner(runner, embodiments, episodes, seed_offset, worlds, families, progress)
     finally:
         torch.set_num_threads(threads)
     return {
@@ -103,6 +79,41 @@ def evaluate_navigation(
         "seed": seed,
         "embodiments": results,
     }
+
+
+def evaluate_runner(
+    make_runner: Callable[[MobilityEnv], Policy],
+    embodiments: Sequence[str],
+    episodes: int = 200,
+    seed_offset: int = 1_000_000,
+    worlds: int = 16,
+    families: Sequence[str] | None = None,
+    progress: bool = True,
+    label: str = "nav",
+) -> dict[str, Any]:
+    """{embodiment: summary} of the `Policy` that `make_runner(env)` builds for each embodiment's
+    worlds, on seeds seed_offset .. seed_offset + episodes - 1 (`evaluate_navigation`'s loop)."""
+    results: dict[str, Any] = {}
+    for name in embodiments:
+        start = time.perf_counter()
+        kwargs = {"families": tuple(families)} if families else {}
+        env = MobilityEnv([name] * min(worlds, episodes), **kwargs)
+        runner = make_runner(env)
+        seeds = range(seed_offset, seed_offset + episodes)
+        with tqdm(total=episodes, desc=f"{label} {name}", unit="episode", disable=not progress) as bar:
+            done = list(run_navigation(env, seeds, runner, on_episode=lambda _: bar.update()))
+        done.sort(key=lambda e: e.seed)
+        results[name] = {
+            **summarize(done),
+            "seconds": time.perf_counter() - start,
+            "by_family": {
+                f: summarize([e for e in done if e.family == f]) for f in sorted({e.family for e in done})
+            },
+            "episodes_list": [
+                {k: getattr(e, k) for k in ("seed", "success", "collision", "time", "family")} for e in done
+            ],
+        }
+    return results
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

@@ -220,18 +220,40 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 # -- resumable training state, never pickled --------------------------------------------------------
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """An optimizer's state as flat tensors `optimizer/<param index>/<name>` and its param groups
+    (json-safe), so that it is saved with safetensors, never pickled."""
+    opt = optimizer.state_dict()
+    tensors = {
+        f"optimizer/{idx}/{name}": torch.as_tensor(value).detach().cpu()
+        for idx, state in opt["state"].items()
+        for name, value in state.items()
+    }
+    return tensors, opt["param_groups"]
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], param_groups: list[dict]
+) -> None:
+    """The inverse of `optimizer_tensors` (other keys of `tensors` are ignored)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
 def save_training_state(path: Path, step: int, model: torch.nn.Module, optimizer, scheduler, ema) -> None:
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     for i, p in enumerate(ema.shadow_params):
         tensors[f"ema/{i}"] = p
-    opt = optimizer.state_dict()
-    for idx, state in opt["state"].items():
-        for name, value in state.items():
-            tensors[f"optimizer/{idx}/{name}"] = torch.as_tensor(value)
+    optimizer_state, param_groups = optimizer_tensors(optimizer)
+    tensors.update(optimizer_state)
     ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
     meta = {
         "step": step,
-        "param_groups": opt["param_groups"],
+        "param_groups": param_groups,
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},  # functions
         "ema": ema_meta,
     }
@@ -247,12 +269,7 @@ def load_training_state(path: Path, model: torch.nn.Module, optimizer, scheduler
         meta = json.loads(f.metadata()["meta"])
     tensors = load_file(str(path))
     model.load_state_dict({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer/"):
-            _, idx, name = key.split("/", 2)
-            state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    load_optimizer_tensors(optimizer, tensors, meta["param_groups"])
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     shadow = [tensors[f"ema/{i}"] for i in range(len(ema.shadow_params))]
     ema.load_state_dict({**meta["ema"], "shadow_params": shadow})

@@ -1,0 +1,99 @@
+"""COMPASS stage 2: the frozen base, the residual specialist's start and its training loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robomosaic.policies.compass.base import FrozenBase
+from robomosaic.policies.compass.residual import (
+    ResidualConfig,
+    ResidualError,
+    SpecialistPolicy,
+    load_specialist,
+    train_residual,
+)
+from robomosaic.policies.evaluate import load_checkpoint
+from robomosaic.sim.mobility.env import MobilityEnv
+from robomosaic.sim.mobility.rollout import run_navigation
+
+ROOT = Path(__file__).resolve().parents[1]
+NAV_CHECKPOINT = ROOT / "tests" / "assets" / "nav_flow"
+SEEDS = range(1_000_000, 1_000_006)
+
+
+def _trajectories(policy_factory, embodiment: str) -> dict[int, dict[str, np.ndarray]]:
+    env = MobilityEnv([embodiment] * 3, max_steps=60)
+    return {e.seed: e.trajectory for e in run_navigation(env, SEEDS, policy_factory(3), record=True)}
+
+
+def test_the_frozen_base_is_deterministic_whatever_the_number_of_worlds():
+    policy, _ = load_checkpoint(NAV_CHECKPOINT)
+    one = {e.seed: e.trajectory for e in run_navigation(MobilityEnv(["kaya"], max_steps=60), SEEDS,
+                                                         FrozenBase(policy, 1), record=True)}  # fmt: skip
+    three = _trajectories(lambda n: FrozenBase(policy, n), "kaya")
+    for seed in SEEDS:
+        np.testing.assert_allclose(one[seed]["action"], three[seed]["action"], atol=1e-5)
+
+
+def test_the_residual_at_initialisation_reproduces_the_base_exactly(tmp_path):
+    cfg = ResidualConfig(embodiment="kaya", worlds=4, iterations=0)
+    train_residual(cfg, NAV_CHECKPOINT, tmp_path / "s0", progress=False)
+    specialist = load_specialist(tmp_path / "s0")
+    base = _trajectories(lambda n: FrozenBase(specialist.base, n), "kaya")
+    composed = _trajectories(lambda n: SpecialistPolicy(specialist.base, specialist.actor, n), "kaya")
+    for seed in SEEDS:
+        assert np.array_equal(base[seed]["action"], composed[seed]["action"]), seed
+
+
+def test_residual_training_logs_saves_and_resumes(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(NAV_CHECKPOINT, base)
+    out = tmp_path / "kaya"
+    cfg = ResidualConfig(embodiment="kaya", worlds=8, iterations=2, steps_per_env=16, save_every=1)
+    train_residual(cfg, base, out, progress=False)
+    first = load_specialist(out)
+    assert json.loads((out / "residual.json").read_text())["iterations_done"] == 2
+    assert list((out / "tb").iterdir()), "no TensorBoard events"
+    # the updates moved the residual off zero
+    assert any(p.abs().sum() > 0 for n, p in first.actor.mlp.named_parameters() if n.startswith("4."))
+
+    cfg.iterations = 3  # resume: train one more iteration
+    train_residual(cfg, base, out, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss_value"]) for r in rows)
+
+    with pytest.raises(ResidualError, match="other settings"):
+        train_residual(ResidualConfig(embodiment="kaya", worlds=4, iterations=4), base, out, progress=False)
+
+    spec = json.loads((base / "spec.json").read_text())
+    spec["provenance"]["host"] = "elsewhere"
+    (base / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ResidualError, match="changed since training"):
+        load_specialist(out)
+
+
+def test_the_compass_command_trains_and_evaluates_specialists(tmp_path, capsys):
+    from robomosaic.policies.compass.cli import main
+
+    common = [
+        f"out={tmp_path}",
+        f"base.checkpoint={NAV_CHECKPOINT}",
+        "residual.embodiments=[kaya]",
+        "progress=false",
+    ]
+    main(["residual", *common, "residual.config.worlds=4", "residual.config.iterations=1",
+          "residual.config.steps_per_env=8"])  # fmt: skip
+    assert (tmp_path / "residual" / "kaya" / "s0" / "residual.safetensors").is_file()
+    main(["eval", *common, "eval.episodes=3", "eval.worlds=3", "eval.embodiments=[carter,kaya]"])
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert sorted(report["arms"]) == ["base", "specialist kaya s0"]
+    assert sorted(report["arms"]["base"]) == ["carter", "kaya"]
+    assert report["arms"]["specialist kaya s0"]["kaya"]["episodes"] == 3
+    with pytest.raises(SystemExit, match="no imitation base"):
+        main(["residual", f"out={tmp_path / 'empty'}"])

@@ -68,6 +68,8 @@ def test_residual_training_logs_saves_and_resumes(tmp_path):
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     assert all(np.isfinite(r["loss_value"]) for r in rows)
 
+    with pytest.raises(ResidualError, match="held out"):
+        train_residual(ResidualConfig(embodiment="g1", worlds=2), base, tmp_path / "g1", progress=False)
     with pytest.raises(ResidualError, match="other settings"):
         train_residual(ResidualConfig(embodiment="kaya", worlds=4, iterations=4), base, out, progress=False)
 

@@ -24,6 +24,7 @@ from robomosaic.policies.compass.base import FrozenBase
 from robomosaic.policies.compass.residual import ResidualConfig, load_specialist, train_residual
 from robomosaic.policies.evaluate import load_checkpoint
 from robomosaic.policies.evaluate_navigation import evaluate_runner
+from robomosaic.sim.mobility.embodiments import embodiment_names
 
 PROGRAM = "robomosaic-compass"
 STAGES = ("base", "residual", "eval")
@@ -93,8 +94,9 @@ def stage_eval(cfg: DictConfig, out: Path, command: str) -> dict[str, Any]:
         "progress": bool(cfg.progress),
     }
     report: dict[str, Any] = {"command": command, "base": str(base_path), "arms": {}}
+    embodiments = list(cfg.eval.embodiments or embodiment_names(include_held_out=True))
     report["arms"]["base"] = evaluate_runner(
-        lambda env: FrozenBase(base, env.n), list(cfg.eval.embodiments), label="base", **kwargs
+        lambda env: FrozenBase(base, env.n), embodiments, label="base", **kwargs
     )
     for embodiment in cfg.residual.embodiments:
         for seed in cfg.residual.seeds:

@@ -39,6 +39,7 @@ from robomosaic.policies.compass.base import FrozenBase
 from robomosaic.policies.compass.residual_env import ResidualNavEnv, residual_obs
 from robomosaic.policies.evaluate import load_checkpoint
 from robomosaic.policies.train import load_optimizer_tensors, optimizer_tensors
+from robomosaic.sim.mobility.embodiments import load_embodiment
 
 SPECIALIST_WEIGHTS, SPECIALIST_JSON = "residual.safetensors", "residual.json"
 TRAINING_STATE = "training_state.safetensors"
@@ -164,6 +165,10 @@ def train_residual(
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    if load_embodiment(cfg.embodiment).held_out:
+        raise ResidualError(
+            f"embodiment {cfg.embodiment!r} is held out for evaluation; no specialist trains on it"
+        )
     base, out = Path(base), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

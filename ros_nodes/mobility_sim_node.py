@@ -32,7 +32,8 @@ Commands:
   A goal outside the room, or inside or too near an obstacle for the footprint, is refused with an
   error naming the goal and the world (`World.check_free`), and the previous goal stays.
 
-Stepping (`step_mode`), as robomosaic-sim-node: `realtime` steps at the control rate (10 Hz) on the
+Stepping (`step_mode`), episodes, `~/reset`, `~/episode` and `/clock` as robomosaic-sim-node's
+(both are robomosaic.ros_nodes.stepped_sim's): `realtime` steps at the control rate (10 Hz) on the
 steady wall clock, a new episode standing still until the first command; `commanded` takes one
 step per /cmd_vel message, on simulated time that starts at the node's start and advances one
 period per step and per reset (followers use `use_sim_time:=true`).
@@ -47,18 +48,15 @@ the task for robomosaic-ros-eval, which drives episodes through `seed`, `~/reset
 
 from __future__ import annotations
 
-import json
 import threading
-import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from robomosaic.ros_nodes import messages
-from robomosaic.ros_nodes.common import require_rclpy, run_node
-from robomosaic.ros_nodes.sim_node import STEP_MODES, RealtimeStats
+from robomosaic.ros_nodes.common import run_node
+from robomosaic.ros_nodes.stepped_sim import stepped_sim_node_class
 from robomosaic.sim.mobility.env import CONTROL_HZ
 
 ODOM_FRAME, BASE_FRAME = "odom", "base_link"
@@ -106,21 +104,13 @@ class VelocityCommand:
 
 
 def _make_node_class():  # rclpy is imported only when a node is built
-    require_rclpy()
+    base = stepped_sim_node_class()  # first: it says how to get rclpy if it is missing
     from geometry_msgs.msg import PoseStamped, Twist
     from nav_msgs.msg import Odometry, Path
-    from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-    from rclpy.clock import Clock, ClockType
-    from rclpy.node import Node
-    from rclpy.parameter import Parameter
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from rosgraph_msgs.msg import Clock as ClockMsg
+    from rcl_interfaces.msg import ParameterDescriptor
     from sensor_msgs.msg import LaserScan
-    from std_msgs.msg import String
-    from std_srvs.srv import Trigger
 
-    from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos, stamp_to_seconds
+    from robomosaic.ros_nodes.common import command_qos, sensor_qos
     from robomosaic.sim.mobility.embodiments import embodiment_names, load_embodiment
     from robomosaic.sim.mobility.env import MAX_STEPS, MobilityEnv
     from robomosaic.sim.mobility.worlds import WorldError
@@ -130,130 +120,56 @@ def _make_node_class():  # rclpy is imported only when a node is built
     except ImportError:  # not on PyPI (see the module docstring)
         TFMessage = None
 
-    class MobilitySimNode(Node):
+    class MobilitySimNode(base):
         def __init__(self, name: str = "mobility_sim") -> None:
-            super().__init__(name)
-            p = self._declare_parameters()
-            if self.get_parameter("use_sim_time").value:
-                raise ValueError(
-                    "robomosaic-mobility-sim-node makes the simulated time: do not set use_sim_time on it"
-                )
+            parameters = {"embodiment": "carter", "max_steps": 0}
+            super().__init__(name, "robomosaic-mobility-sim-node", parameters)
+
+        def _setup(self, p: dict[str, Any]) -> float:
             if p["embodiment"] not in embodiment_names():
                 raise ValueError(
                     f"parameter embodiment={p['embodiment']!r} is not one of {embodiment_names()}"
                 )
-            if p["step_mode"] not in STEP_MODES:
-                raise ValueError(f"parameter step_mode={p['step_mode']!r} must be one of {STEP_MODES}")
-            if p["command_timeout"] <= 0:
-                raise ValueError(f"parameter command_timeout={p['command_timeout']} must be positive")
             if p["max_steps"] < 0:
                 raise ValueError(f"parameter max_steps={p['max_steps']} must be >= 0 (0: {MAX_STEPS})")
-            self.step_mode = p["step_mode"]
+            self.declare_parameter(
+                "task", "nav", ParameterDescriptor(read_only=True)
+            )  # for robomosaic-ros-eval
             self.embodiment = load_embodiment(p["embodiment"])
             self.env = MobilityEnv([self.embodiment], max_steps=p["max_steps"] or MAX_STEPS)
-            self.dt = 1.0 / CONTROL_HZ
             self.command = VelocityCommand(p["command_timeout"])
-            self.stats = RealtimeStats(self.dt)
-            self._seeds = [int(s) for s in p["seeds"]]
-            self._first_seed = int(p["seed"])
-            self._next_index = 0
-            self.episode = -1
 
             sensor = sensor_qos()
             self.pub_odom = self.create_publisher(Odometry, "/odom", sensor)
             self.pub_scan = self.create_publisher(LaserScan, "/scan", sensor)
             self.pub_plan = self.create_publisher(Path, "/plan", sensor)
             self.pub_tf = self.create_publisher(TFMessage, "/tf", 10) if TFMessage is not None else None
-            self.pub_clock = (
-                self.create_publisher(ClockMsg, "/clock", QoSProfile(depth=1)) if p["publish_clock"] else None
-            )
-            latched = QoSProfile(
-                depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-            )
-            self.pub_episode = self.create_publisher(String, "~/episode", latched)
 
-            # Steps, goals and resets share one mutually exclusive group: they never overlap, so the
-            # environment needs no lock; the velocity command is received beside them.
-            self.step_group = MutuallyExclusiveCallbackGroup()
             commands = command_qos()
             self.create_subscription(
-                Twist, "/cmd_vel", self._on_twist, commands, callback_group=MutuallyExclusiveCallbackGroup()
+                Twist, "/cmd_vel", self._on_twist, commands, callback_group=self.command_group
             )
+            # A goal starts an episode: it runs with the steps and resets.
             self.create_subscription(
                 PoseStamped, "/goal_pose", self._on_goal, commands, callback_group=self.step_group
             )
-            self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self.step_group)
-            self.add_on_set_parameters_callback(self._on_set_parameters)
+            return 1.0 / CONTROL_HZ
 
-            self._pending: deque[np.ndarray] = deque(maxlen=10)
-            self._pending_lock = threading.Lock()
-            self._time = self._wall_time()
-            if self.step_mode == "realtime":
-                self.create_timer(
-                    self.dt, self._on_tick, callback_group=self.step_group,
-                    clock=Clock(clock_type=ClockType.STEADY_TIME),
-                )  # fmt: skip
-            else:
-                self._wake = self.create_guard_condition(self._on_commanded, callback_group=self.step_group)
-            self._start_episode()
+        def _describe(self) -> str:
             tf = "/tf" if TFMessage is not None else "no /tf (tf2_msgs is not installed; /odom has the pose)"
-            self.get_logger().info(
+            return (
                 f"embodiment {self.embodiment.name} ({self.embodiment.drive}, {self.step_mode}, "
-                f"{CONTROL_HZ:g} Hz, {self.embodiment.scan.rays} scan rays, {tf}), episode seed {self.seed}"
+                f"{CONTROL_HZ:g} Hz, {self.embodiment.scan.rays} scan rays, {tf})"
             )
 
-        def _declare_parameters(self) -> dict[str, Any]:
-            defaults = {
-                "embodiment": "carter",
-                "step_mode": "realtime",
-                "seed": 0,
-                "seeds": Parameter.Type.INTEGER_ARRAY,  # typed, unset: seed, seed + 1, ...
-                "max_steps": 0,
-                "command_timeout": 0.2,
-                "publish_clock": True,
-            }
-            values = {key: self.declare_parameter(key, default).value for key, default in defaults.items()}
-            values["seeds"] = values["seeds"] or []
-            self.declare_parameter(
-                "task", "nav", ParameterDescriptor(read_only=True)
-            )  # for robomosaic-ros-eval
-            return values
-
-        # -- time ---------------------------------------------------------------------------------
-        def _wall_time(self) -> float:
-            return self.get_clock().now().nanoseconds * 1e-9
-
-        def now(self) -> float:
-            """The robot's time: the wall clock (realtime) or the simulated time (commanded)."""
-            return self._wall_time() if self.step_mode == "realtime" else self._time
-
-        # -- episodes -----------------------------------------------------------------------------
-        def _start_episode(self) -> None:
-            seq, index = self._seeds, self._next_index
-            self.seed = seq[index % len(seq)] if seq else self._first_seed + index
-            self._next_index += 1
-            if self.step_mode == "realtime" and self.stats.periods:
-                self.get_logger().info(f"realtime timing of the last episode: {self.stats.summary()}")
-            self.stats.reset()
-            self.env.reset([self.seed])
-            self._new_episode()
-            if self.step_mode == "commanded":
-                self._time += self.dt  # a reset takes one period, so that followers' timers see time move
-            self._publish(self.now())
+        # -- episodes and steps -------------------------------------------------------------------
+        def _reset_world(self, seed: int) -> None:
+            self.env.reset([seed])
 
         def _new_episode(self) -> None:
-            self.episode += 1
-            self.success = self.collision = self.truncated = self.done = False
-            self.started = False  # realtime: the first command starts the episode's steps
+            super()._new_episode()
+            self.success = self.collision = self.truncated = False
             self.command.clear()
-            with self._pending_lock:
-                self._pending.clear()
-
-        def _on_reset(self, request, response):
-            self._start_episode()
-            response.success = True
-            response.message = json.dumps({"seed": self.seed, "episode": self.episode})
-            return response
 
         def _on_goal(self, msg) -> None:
             goal = np.array([msg.pose.position.x, msg.pose.position.y])
@@ -275,80 +191,43 @@ def _make_node_class():  # rclpy is imported only when a node is built
             self.get_logger().info(f"{where}: new goal, episode {self.episode}")
             self._publish(self.now())
 
-        def _on_set_parameters(self, params) -> SetParametersResult:
-            for param in params:
-                if param.name == "seed":
-                    self._first_seed, self._seeds, self._next_index = int(param.value), [], 0
-                elif param.name == "seeds":
-                    self._seeds, self._next_index = [int(s) for s in param.value], 0
-            return SetParametersResult(successful=True)
-
-        # -- stepping -----------------------------------------------------------------------------
-        def _step(self, velocity: np.ndarray) -> None:
-            start = time.perf_counter()
+        def _step_world(self, velocity: np.ndarray) -> None:
             _, _, _, truncated, info = self.env.step(velocity[None])
-            self.stats.step_seconds.append(time.perf_counter() - start)
             self.success, self.collision = bool(info["success"][0]), bool(info["collision"][0])
             self.truncated = bool(truncated[0])
             self.done = self.success or self.collision or self.truncated
 
-        def _on_tick(self) -> None:
-            self.stats.tick()
-            if self.started and not self.done:
-                self._step(self.command.at(self.now()))
-            self._publish(self._wall_time())
-
-        def _on_commanded(self) -> None:
-            while True:
-                with self._pending_lock:
-                    if not self._pending:
-                        return
-                    velocity = self._pending.popleft()
-                if self.done:
-                    continue  # a finished episode takes no steps until the next reset or goal
-                self._step(velocity)
-                self._time += self.dt
-                self._publish(self._time)
-
+        # -- commands -----------------------------------------------------------------------------
         def _on_twist(self, msg) -> None:
             velocity = messages.twist_to_array(msg)[[0, 1, 5]]  # linear x, y; angular z
             if not np.all(np.isfinite(velocity)):
                 self.get_logger().warning("/cmd_vel: ignored a non-finite twist", throttle_duration_sec=1.0)
                 return
-            if self.step_mode == "realtime":
-                self.started = True
-                self.command.set(velocity, self.now())
-            else:
-                with self._pending_lock:
-                    self._pending.append(velocity)
-                self._wake.trigger()
+            self._command(velocity)
+
+        def _apply_command(self, velocity: np.ndarray, received: float) -> None:
+            self.command.set(velocity, received)
+
+        def _action_at(self, now: float, fresh: bool) -> np.ndarray:
+            return self.command.at(now)  # a command applied at `now` is fresh
 
         # -- publishing ---------------------------------------------------------------------------
-        def _publish(self, t: float) -> None:
-            stamp = seconds_to_stamp(t)
+        def _publish_state(self, stamp: Any) -> None:
             odom, scan, plan, transform = state_messages(self.env, stamp)
             self.pub_odom.publish(odom)
             self.pub_scan.publish(scan)
             self.pub_plan.publish(plan)
             if self.pub_tf is not None:
                 self.pub_tf.publish(TFMessage(transforms=[transform]))
-            if self.pub_clock is not None:
-                self.pub_clock.publish(ClockMsg(clock=stamp))
-            status = {
-                "seed": self.seed,
-                "episode": self.episode,
+
+        def _status(self) -> dict[str, Any]:
+            return {
                 "step": int(self.env.steps[0]),
                 "success": self.success,
                 "collision": self.collision,
                 "done": self.done,
                 "truncated": self.truncated,
-                "time": stamp_to_seconds(stamp),
             }
-            self.pub_episode.publish(String(data=json.dumps(status)))
-
-        def on_shutdown(self) -> None:
-            if self.step_mode == "realtime" and self.stats.periods:
-                self.get_logger().info(f"realtime timing of the last episode: {self.stats.summary()}")
 
     return MobilitySimNode
 

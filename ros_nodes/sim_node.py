@@ -53,26 +53,25 @@ period, not stepped) until the first motion command arrives, so that a policy or
 it from exactly the seed's initial state, as in-process evaluation does. An episode is done at
 success or after `max_steps` steps (default: the task's); a done episode takes no more steps until
 the next reset.
+
+Stepping, episodes, `~/reset`, `~/episode` and `/clock` are what this node shares with
+robomosaic-mobility-sim-node (robomosaic.ros_nodes.stepped_sim).
 """
 
 from __future__ import annotations
 
-import json
-import statistics
 import threading
-import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from robomosaic.ros_nodes.common import require_rclpy, run_node
+from robomosaic.ros_nodes.common import run_node
+from robomosaic.ros_nodes.stepped_sim import stepped_sim_node_class
 
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
 GRIPPER = ACTION_NAMES.index("gripper")
-STEP_MODES = ("realtime", "commanded")
 # robosuite's OSC_POSE default output limits: an action of 1 is 0.05 m / 0.5 rad per control step.
 MAX_DELTA_POS, MAX_DELTA_ROT = 0.05, 0.5
 
@@ -153,90 +152,47 @@ class CommandBuffer:
             return self._action.copy(), self._kind
 
 
-class RealtimeStats:
-    """Wall-clock periods between realtime ticks and the compute time of each step."""
-
-    def __init__(self, period: float) -> None:
-        self.period = period
-        self.periods: list[float] = []
-        self.step_seconds: list[float] = []
-        self._last: float | None = None
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        if self._last is not None:
-            self.periods.append(now - self._last)
-        self._last = now
-
-    def summary(self) -> dict[str, float]:
-        if not self.periods:
-            return {}
-        ms = 1000 * np.asarray(self.periods)
-        error = np.abs(ms - 1000 * self.period)
-        return {
-            "ticks": len(ms) + 1,
-            "period_ms_mean": float(ms.mean()),
-            "period_error_ms_p50": float(np.percentile(error, 50)),
-            "period_error_ms_p99": float(np.percentile(error, 99)),
-            "period_ms_max": float(ms.max()),
-            "overruns": int(np.sum(ms > 1500 * self.period)),
-            "step_ms_mean": 1000 * statistics.fmean(self.step_seconds) if self.step_seconds else 0.0,
-        }
-
-    def reset(self) -> None:
-        self.periods, self.step_seconds, self._last = [], [], None
-
-
 def _make_node_class():  # rclpy is imported only when a node is built
-    require_rclpy()
+    base = stepped_sim_node_class()  # first: it says how to get rclpy if it is missing
     from geometry_msgs.msg import PoseStamped, Twist
-    from rcl_interfaces.msg import SetParametersResult
-    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-    from rclpy.clock import Clock, ClockType
-    from rclpy.node import Node
     from rclpy.parameter import Parameter
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from rosgraph_msgs.msg import Clock as ClockMsg
     from sensor_msgs.msg import CompressedImage, Image, JointState
-    from std_msgs.msg import Float64, Float64MultiArray, String
-    from std_srvs.srv import Trigger
+    from std_msgs.msg import Float64, Float64MultiArray
     from trajectory_msgs.msg import JointTrajectory
 
     from robomosaic.ros_nodes import messages
-    from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos, stamp_to_seconds
+    from robomosaic.ros_nodes.common import command_qos, sensor_qos
     from robomosaic.sim.tasks import TASKS, make_task
 
-    class SimNode(Node):
+    class SimNode(base):
         def __init__(self, name: str = "sim") -> None:
-            super().__init__(name)
-            p = self._declare_parameters()
-            if self.get_parameter("use_sim_time").value:
-                raise ValueError(
-                    "robomosaic-sim-node makes the simulated time: do not set use_sim_time on it"
-                )
+            parameters = {
+                "task": "lift",
+                "cameras": Parameter.Type.STRING_ARRAY,  # typed, unset: no cameras
+                "image_size": 84,
+                "publish_compressed": True,
+                "max_steps": 0,
+                "frame_id": "world",
+                "cmd_vel_linear_full_scale": MAX_DELTA_POS * 20.0,
+                "cmd_vel_angular_full_scale": MAX_DELTA_ROT * 20.0,
+            }
+            super().__init__(name, "robomosaic-sim-node", parameters)
+
+        def _setup(self, p: dict[str, Any]) -> float:
             if p["task"] not in TASKS:
                 raise ValueError(f"parameter task={p['task']!r} is not a registered task: {sorted(TASKS)}")
-            if p["step_mode"] not in STEP_MODES:
-                raise ValueError(f"parameter step_mode={p['step_mode']!r} must be one of {STEP_MODES}")
-            for key in ("command_timeout", "cmd_vel_linear_full_scale", "cmd_vel_angular_full_scale"):
+            for key in ("cmd_vel_linear_full_scale", "cmd_vel_angular_full_scale"):
                 if p[key] <= 0:
                     raise ValueError(f"parameter {key}={p[key]} must be positive")
-            self.step_mode = p["step_mode"]
             self.frame_id = p["frame_id"]
             self.linear_scale = p["cmd_vel_linear_full_scale"]
             self.angular_scale = p["cmd_vel_angular_full_scale"]
             self.cameras = tuple(c for c in p["cameras"] if c)
-            self.publish_compressed = p["publish_compressed"]
             self.task = make_task(
                 p["task"], cameras=self.cameras, image_size=p["image_size"], max_steps=p["max_steps"] or None
             )
-            self.dt = 1.0 / self.task.spec.control_hz
-            self.commands = CommandBuffer(p["command_timeout"], self.dt)
-            self.stats = RealtimeStats(self.dt)
-            self._seeds = [int(s) for s in p["seeds"]]
-            self._first_seed = int(p["seed"])
-            self._next_index = 0
-            self.episode = -1
+            dt = 1.0 / self.task.spec.control_hz
+            self.commands = CommandBuffer(p["command_timeout"], dt)
             robot = self.task.env.robots[0]
             self.arm_joints = list(robot.robot_joints)
             self.finger_joints = [j for joints in robot.gripper_joints.values() for j in joints]
@@ -244,7 +200,6 @@ def _make_node_class():  # rclpy is imported only when a node is built
             self._qpos = [sim.model.get_joint_qpos_addr(j) for j in self.arm_joints]
             self._qvel = [sim.model.get_joint_qvel_addr(j) for j in self.arm_joints + self.finger_joints]
 
-            # Publishers.
             sensor = sensor_qos()
             self.pub_joints = self.create_publisher(JointState, "/joint_states", sensor)
             self.pub_eef = self.create_publisher(PoseStamped, "/eef_pose", sensor)
@@ -258,165 +213,54 @@ def _make_node_class():  # rclpy is imported only when a node is built
             }
             self.pub_compressed = {
                 cam: self.create_publisher(CompressedImage, f"/{cam}/image_raw/compressed", sensor)
-                for cam in (self.cameras if self.publish_compressed else ())
+                for cam in (self.cameras if p["publish_compressed"] else ())
             }
-            self.pub_clock = (
-                self.create_publisher(ClockMsg, "/clock", QoSProfile(depth=1)) if p["publish_clock"] else None
-            )
-            latched = QoSProfile(
-                depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-            )
-            self.pub_episode = self.create_publisher(String, "~/episode", latched)
 
-            # Stepping and resets share one mutually exclusive group: they never overlap, so the task
-            # needs no lock; command callbacks run beside them in their own group.
-            self.step_group = MutuallyExclusiveCallbackGroup()
-            command_group = MutuallyExclusiveCallbackGroup()
-            commands = command_qos()
+            commands, group = command_qos(), self.command_group
             self.create_subscription(
                 Float64MultiArray, "/forward_command_controller/commands", self._on_forward, commands,
-                callback_group=command_group,
+                callback_group=group,
             )  # fmt: skip
             self.create_subscription(
                 JointTrajectory, "/joint_trajectory_controller/joint_trajectory", self._on_trajectory,
-                commands, callback_group=command_group,
+                commands, callback_group=group,
             )  # fmt: skip
+            self.create_subscription(Twist, "/cmd_vel", self._on_twist, commands, callback_group=group)
             self.create_subscription(
-                Twist, "/cmd_vel", self._on_twist, commands, callback_group=command_group
+                Float64, "/gripper_command", self._on_gripper, commands, callback_group=group
             )
-            self.create_subscription(
-                Float64, "/gripper_command", self._on_gripper, commands, callback_group=command_group
-            )
-            self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self.step_group)
-            self.add_on_set_parameters_callback(self._on_set_parameters)
+            return dt
 
-            self._pending: deque[tuple[str, Any]] = deque(maxlen=10)
-            self._pending_lock = threading.Lock()
-            if self.step_mode == "realtime":
-                self._time = self._wall_time()
-                self.create_timer(
-                    self.dt, self._on_tick, callback_group=self.step_group,
-                    clock=Clock(clock_type=ClockType.STEADY_TIME),
-                )  # fmt: skip
-            else:
-                self._time = self._wall_time()
-                self._wake = self.create_guard_condition(self._on_commanded, callback_group=self.step_group)
-            self._start_episode()
-            self.get_logger().info(
-                f"task {self.task.name} ({self.step_mode}, {1 / self.dt:g} Hz, "
-                f"cameras {list(self.cameras)}), episode seed {self.seed}"
-            )
+        def _describe(self) -> str:
+            hz = 1 / self.dt
+            return f"task {self.task.name} ({self.step_mode}, {hz:g} Hz, cameras {list(self.cameras)})"
 
-        def _declare_parameters(self) -> dict[str, Any]:
-            defaults = {
-                "task": "lift",
-                "cameras": Parameter.Type.STRING_ARRAY,  # typed, unset: no cameras
-                "image_size": 84,
-                "publish_compressed": True,
-                "step_mode": "realtime",
-                "seed": 0,
-                "seeds": Parameter.Type.INTEGER_ARRAY,  # typed, unset: seed, seed + 1, ...
-                "max_steps": 0,
-                "command_timeout": 0.2,
-                "publish_clock": True,
-                "frame_id": "world",
-                "cmd_vel_linear_full_scale": MAX_DELTA_POS * 20.0,
-                "cmd_vel_angular_full_scale": MAX_DELTA_ROT * 20.0,
-            }
-            values = {key: self.declare_parameter(key, default).value for key, default in defaults.items()}
-            values["cameras"] = values["cameras"] or []
-            values["seeds"] = values["seeds"] or []
-            return values
+        # -- episodes and steps -------------------------------------------------------------------
+        def _reset_world(self, seed: int) -> None:
+            self.obs = self.task.reset(seed)
 
-        # -- time ---------------------------------------------------------------------------------
-        def _wall_time(self) -> float:
-            return self.get_clock().now().nanoseconds * 1e-9
-
-        def now(self) -> float:
-            """The robot's time: the wall clock (realtime) or the simulated time (commanded)."""
-            return self._wall_time() if self.step_mode == "realtime" else self._time
-
-        # -- episodes -----------------------------------------------------------------------------
-        def _start_episode(self) -> None:
-            seq = self._seeds
-            index = self._next_index
-            self.seed = seq[index % len(seq)] if seq else self._first_seed + index
-            self._next_index += 1
-            self.episode += 1
-            if self.step_mode == "realtime" and self.stats.periods:
-                self.get_logger().info(f"realtime timing of the last episode: {self.stats.summary()}")
-            self.stats.reset()
-            self.obs = self.task.reset(self.seed)
-            self.steps, self.success, self.truncated, self.done = 0, False, False, False
-            self.started = False  # realtime: the first motion command starts the episode's steps
+        def _new_episode(self) -> None:
+            super()._new_episode()
+            self.steps, self.success, self.truncated = 0, False, False
             self.commands.clear()
-            with self._pending_lock:
-                self._pending.clear()
-            if self.step_mode == "commanded":
-                self._time += self.dt  # a reset takes one period, so that followers' timers see time move
-            self._publish(self.now())
 
-        def _on_reset(self, request, response):
-            self._start_episode()
-            response.success = True
-            response.message = json.dumps({"seed": self.seed, "episode": self.episode})
-            return response
-
-        def _on_set_parameters(self, params) -> SetParametersResult:
-            for param in params:
-                if param.name == "seed":
-                    self._first_seed, self._seeds, self._next_index = int(param.value), [], 0
-                elif param.name == "seeds":
-                    self._seeds, self._next_index = [int(s) for s in param.value], 0
-            return SetParametersResult(successful=True)
-
-        # -- stepping -----------------------------------------------------------------------------
-        def _step(self, action: np.ndarray) -> None:
-            start = time.perf_counter()
+        def _step_world(self, action: np.ndarray) -> None:
             self.obs, _, self.success, self.truncated, _ = self.task.step(action)
-            self.stats.step_seconds.append(time.perf_counter() - start)
             self.steps += 1
             self.done = self.success or self.truncated
 
-        def _on_tick(self) -> None:
-            self.stats.tick()
-            now = self.now()
-            if self.started and not self.done:
-                action, _ = self.commands.action_at(now)
-                self._step(action)
-            self._publish(self._wall_time())
-
-        def _on_commanded(self) -> None:
-            while True:
-                with self._pending_lock:
-                    if not self._pending:
-                        return
-                    kind, payload = self._pending.popleft()
-                if self.done:
-                    continue  # a finished episode takes no steps until the next reset
-                self._apply(kind, payload, received=self._time)
-                action, _ = self.commands.action_at(self._time, fresh=True)
-                self._step(action)
-                self._time += self.dt
-                self._publish(self._time)
-
         # -- commands -----------------------------------------------------------------------------
-        def _command(self, kind: str, payload: Any) -> None:
-            if self.step_mode == "realtime":
-                self._apply(kind, payload, received=self.now())
-            else:
-                with self._pending_lock:
-                    self._pending.append((kind, payload))
-                self._wake.trigger()
-
-        def _apply(self, kind: str, payload: Any, received: float) -> None:
-            self.started = True
+        def _apply_command(self, command: tuple[str, Any], received: float) -> None:
+            kind, payload = command
             if kind == "trajectory":
                 start, relative, dt, chunk = payload
                 start += received if relative else 0.0  # a zero header stamp means "on receipt"
                 self.commands.set_trajectory(start + dt * np.arange(len(chunk)), chunk, received)
             else:
                 self.commands.set_action(payload, received, kind)
+
+        def _action_at(self, now: float, fresh: bool) -> np.ndarray:
+            return self.commands.action_at(now, fresh)[0]
 
         def _on_forward(self, msg) -> None:
             action = np.asarray(msg.data, dtype=np.float64)
@@ -427,7 +271,7 @@ def _make_node_class():  # rclpy is imported only when a node is built
                     throttle_duration_sec=1.0,
                 )
                 return
-            self._command("forward", action)
+            self._command(("forward", action))
 
         def _on_trajectory(self, msg) -> None:
             try:
@@ -446,7 +290,7 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 )
                 return
             relative = msg.header.stamp.sec == 0 and msg.header.stamp.nanosec == 0
-            self._command("trajectory", (float(start), relative, float(dt), chunk))
+            self._command(("trajectory", (float(start), relative, float(dt), chunk)))
 
         def _on_twist(self, msg) -> None:
             velocity = np.asarray(messages.twist_to_array(msg), dtype=np.float64)
@@ -454,15 +298,14 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 self.get_logger().warning("/cmd_vel: ignored a non-finite twist", throttle_duration_sec=1.0)
                 return
             action = twist_to_action(velocity, self.commands.gripper, self.linear_scale, self.angular_scale)
-            self._command("twist", action)
+            self._command(("twist", action))
 
         def _on_gripper(self, msg) -> None:
             if np.isfinite(msg.data):
                 self.commands.set_gripper(float(np.clip(msg.data, -1.0, 1.0)))
 
         # -- publishing ---------------------------------------------------------------------------
-        def _publish(self, t: float) -> None:
-            stamp = seconds_to_stamp(t)
+        def _publish_state(self, stamp: Any) -> None:
             obs, sim = self.obs, self.task.env.sim
             position = np.concatenate([sim.data.qpos[self._qpos], obs["robot0_gripper_qpos"]])
             self.pub_joints.publish(
@@ -480,24 +323,14 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 pub.publish(messages.image_msg(obs[f"{cam}_image"], cam, stamp))
             for cam, pub in self.pub_compressed.items():
                 pub.publish(messages.compressed_image_msg(obs[f"{cam}_image"], cam, stamp))
-            if self.pub_clock is not None:
-                self.pub_clock.publish(ClockMsg(clock=stamp))
-            status = {
-                "seed": self.seed,
-                "episode": self.episode,
+
+        def _status(self) -> dict[str, Any]:
+            return {
                 "step": self.steps,
                 "success": self.success,
                 "done": self.done,
                 "truncated": self.truncated,
-                "time": stamp_to_seconds(stamp),
             }
-            self.pub_episode.publish(String(data=json.dumps(status)))
-
-        def on_shutdown(self) -> None:
-            if self.step_mode == "realtime" and self.stats.periods:
-                self.get_logger().info(f"realtime timing of the last episode: {self.stats.summary()}")
-            # The task is not closed here: a step may still run on another executor thread; the
-            # process ends next.
 
     return SimNode
 

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +33,12 @@ rclpy = pytest.importorskip("rclpy")
 from geometry_msgs.msg import PoseStamped, Twist  # noqa: E402
 from nav_msgs.msg import Odometry  # noqa: E402
 from nav_msgs.msg import Path as PathMsg  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from rclpy.serialization import deserialize_message, serialize_message  # noqa: E402
+from ros_support import TopicClient  # noqa: E402
 from sensor_msgs.msg import LaserScan  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
 
 from robomosaic.ros_nodes import messages  # noqa: E402
-from robomosaic.ros_nodes.common import BackgroundSpin, command_qos, seconds_to_stamp, sensor_qos  # noqa: E402
+from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos  # noqa: E402
 from robomosaic.ros_nodes.mobility_sim_node import state_messages  # noqa: E402
 from robomosaic.ros_nodes.policy_node import NavigationObservation, parse_bindings  # noqa: E402
 from robomosaic.sim.mobility.env import OBS_SPEC, MobilityEnv  # noqa: E402
@@ -56,9 +52,6 @@ CONTROL_HZ = 10.0
 PERIOD = 1.0 / CONTROL_HZ
 MAX_OBS_AGE = 0.2  # config/mobility_policy.yaml
 EMBODIMENTS = ("carter", "kaya", "h1", "spot", "g1")
-LATCHED = QoSProfile(
-    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-)
 
 
 def navigation_observation() -> tuple[NavigationObservation, dict]:
@@ -111,72 +104,17 @@ def test_twist_takes_a_mobile_base_action() -> None:
 
 
 # -- a ROS 2 client in this process ---------------------------------------------------------------
-class Client:
+class Client(TopicClient):
     """Records every message of the base's topics with its arrival time; publishes commands."""
 
     def __init__(self, sim: str = "/sim") -> None:
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=DOMAIN_ID)
-        self.node = rclpy.create_node("mobility_probe", context=self.context)
-        self.lock = threading.Lock()
-        self.received: dict[str, list[tuple[float, object]]] = {}
         topics = {
             "/odom": (Odometry, sensor_qos()),
             "/scan": (LaserScan, sensor_qos()),
             "/plan": (PathMsg, sensor_qos()),
             "/cmd_vel": (Twist, command_qos()),
-            f"{sim}/episode": (String, LATCHED),
         }
-        for topic, (msg_type, qos) in topics.items():
-            self.node.create_subscription(msg_type, topic, self._recorder(topic), qos)
-        self.episode_topic = f"{sim}/episode"
-        self.reset_client = self.node.create_client(Trigger, f"{sim}/reset")
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.spinner = BackgroundSpin(self.executor)
-
-    def _recorder(self, topic: str) -> Callable[[object], None]:
-        def record(msg: object) -> None:
-            with self.lock:
-                self.received.setdefault(topic, []).append((time.monotonic(), msg))
-
-        return record
-
-    def publisher(self, msg_type: type, topic: str, qos: object) -> object:
-        return self.node.create_publisher(msg_type, topic, qos)
-
-    def messages(self, topic: str, since: float = 0.0) -> list[object]:
-        with self.lock:
-            return [m for t, m in self.received.get(topic, []) if t >= since]
-
-    def timed(self, topic: str, since: float = 0.0) -> list[tuple[float, object]]:
-        with self.lock:
-            return [(t, m) for t, m in self.received.get(topic, []) if t >= since]
-
-    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> object:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.01)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-    def status(self) -> dict | None:
-        msgs = self.messages(self.episode_topic)
-        return json.loads(msgs[-1].data) if msgs else None
-
-    def reset(self) -> dict:
-        assert self.reset_client.wait_for_service(timeout_sec=30)
-        future = self.reset_client.call_async(Trigger.Request())
-        response = self.wait_for(lambda: future.done() and future.result(), 30, "the reset service")
-        assert response.success, response.message
-        return json.loads(response.message)
-
-    def close(self) -> None:
-        self.spinner.close()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
+        super().__init__(DOMAIN_ID, "mobility_probe", topics, sim)
 
 
 def start_node(module: str, *ros_args: str) -> subprocess.Popen:

@@ -8,9 +8,7 @@ the commanded direction, zero motion once commands stop, seeded resets equal to
 from __future__ import annotations
 
 import io
-import json
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -22,18 +20,16 @@ from robomosaic.ros_nodes import processes as ros_processes
 rclpy = pytest.importorskip("rclpy")
 
 from geometry_msgs.msg import PoseStamped, Twist  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from ros_support import TopicClient  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
-from std_msgs.msg import Float64MultiArray, String  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
+from std_msgs.msg import Float64MultiArray  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from robomosaic.ros_nodes import messages  # noqa: E402
-from robomosaic.ros_nodes.common import BackgroundSpin  # noqa: E402
 from robomosaic.ros_nodes.sim_node import ACTION_NAMES  # noqa: E402
 
 DOMAIN_ID = 12  # this file's DDS domain (docs: one per test file, so parallel tests never cross-talk)
@@ -42,88 +38,34 @@ DT = 0.05
 ARM_JOINTS = [f"robot0_joint{i}" for i in range(1, 8)]
 FINGERS = ["gripper0_right_finger_joint1", "gripper0_right_finger_joint2"]
 SENSOR = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
-LATCHED = QoSProfile(
-    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-)
 
 
 def start_node(module: str, *ros_args: str, stdin: int | None = None) -> subprocess.Popen:
     return ros_processes.start_node(module, *ros_args, domain=DOMAIN_ID, stdin=stdin)
 
 
-class Probe:
-    """A client node in this process: records every message of the sim's topics with its arrival time."""
+class Probe(TopicClient):
+    """The sim's topics, recorded with their arrival times, and its command publishers."""
 
     def __init__(self, sim: str = "/sim") -> None:
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=DOMAIN_ID)
-        self.node = rclpy.create_node("probe", context=self.context)
-        self.lock = threading.Lock()
-        self.received: dict[str, list[tuple[float, object]]] = {}
         topics = {
             "/joint_states": (JointState, SENSOR),
             "/eef_pose": (PoseStamped, SENSOR),
             "/object_state": (Float64MultiArray, SENSOR),
             "/objects/cube/pose": (PoseStamped, SENSOR),
             "/clock": (Clock, SENSOR),
-            f"{sim}/episode": (String, LATCHED),
             "/agentview/image_raw": (Image, SENSOR),
             "/agentview/image_raw/compressed": (CompressedImage, SENSOR),
         }
-        for topic, (msg_type, qos) in topics.items():
-            self.node.create_subscription(msg_type, topic, self._recorder(topic), qos)
-        self.episode_topic = f"{sim}/episode"
-        self.forward = self.node.create_publisher(
-            Float64MultiArray, "/forward_command_controller/commands", 10
-        )
-        self.trajectory = self.node.create_publisher(
-            JointTrajectory, "/joint_trajectory_controller/joint_trajectory", 10
-        )
-        self.twist = self.node.create_publisher(Twist, "/cmd_vel", 10)
-        self.reset_client = self.node.create_client(Trigger, f"{sim}/reset")
+        super().__init__(DOMAIN_ID, "probe", topics, sim)
+        self.forward = self.publisher(Float64MultiArray, "/forward_command_controller/commands", 10)
+        self.trajectory = self.publisher(JointTrajectory, "/joint_trajectory_controller/joint_trajectory", 10)
+        self.twist = self.publisher(Twist, "/cmd_vel", 10)
         self.parameters = AsyncParameterClient(self.node, sim)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.spinner = BackgroundSpin(self.executor)
-
-    def _recorder(self, topic: str) -> Callable[[object], None]:
-        def record(msg: object) -> None:
-            with self.lock:
-                self.received.setdefault(topic, []).append((time.monotonic(), msg))
-
-        return record
-
-    def messages(self, topic: str, since: float = 0.0) -> list[object]:
-        with self.lock:
-            return [m for t, m in self.received.get(topic, []) if t >= since]
-
-    def arrivals(self, topic: str, since: float = 0.0) -> np.ndarray:
-        with self.lock:
-            return np.array([t for t, _ in self.received.get(topic, []) if t >= since])
-
-    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> object:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.02)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-    def status(self) -> dict | None:
-        msgs = self.messages(self.episode_topic)
-        return json.loads(msgs[-1].data) if msgs else None
 
     def eef(self) -> np.ndarray:
         pose = self.messages("/eef_pose")[-1].pose.position
         return np.array([pose.x, pose.y, pose.z])
-
-    def reset(self) -> dict:
-        assert self.reset_client.wait_for_service(timeout_sec=30)
-        future = self.reset_client.call_async(Trigger.Request())
-        response = self.wait_for(lambda: future.done() and future.result(), 30, "the reset service")
-        assert response.success, response.message
-        return json.loads(response.message)
 
     def set_parameter(self, name: str, value: object) -> None:
         assert self.parameters.wait_for_services(timeout_sec=30)
@@ -146,11 +88,6 @@ class Probe:
             assert time.monotonic() < end, f"the sim took fewer than {steps} steps in {timeout} s"
             publish()
             time.sleep(0.05)
-
-    def close(self) -> None:
-        self.spinner.close()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
 
 
 # First, before the module's realtime sim node starts (it would also take the commands).
@@ -231,7 +168,7 @@ def test_topics_types_shapes_and_rate(realtime: Probe) -> None:
     status = realtime.status()
     assert status["seed"] == SEED and status["step"] > 0 and not status["done"]
     # About the control rate: never faster than 20 Hz; slower only by what a loaded CPU costs.
-    periods = np.diff(realtime.arrivals("/clock", start + 0.5))
+    periods = np.diff([t for t, _ in realtime.timed("/clock", start + 0.5)])
     print(f"realtime /clock period: median {1000 * np.median(periods):.1f} ms, "
           f"p99 |error| {1000 * np.percentile(np.abs(periods - DT), 99):.1f} ms")  # fmt: skip
     assert 0.045 <= np.median(periods) <= 0.15

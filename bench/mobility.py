@@ -58,6 +58,22 @@ def row(arm: str, name: str, p: dict) -> str:
     )
 
 
+def how_trained(checkpoint: Path) -> str:
+    """The command that trained a base (from its run folder's config.yaml), or what is known."""
+    import yaml
+
+    config = Path(checkpoint).parent / "config.yaml"
+    if not config.is_file():
+        return "training config not found"
+    cfg = yaml.safe_load(config.read_text())
+    return (
+        f"`robomosaic-train task=nav dataset={cfg['dataset']} seed={cfg['seed']} "
+        f"policy={cfg['policy']['network']} "
+        f"flow={cfg['flow']['process']['name']} policy.horizon={cfg['policy']['horizon']} "
+        f"policy.n_action_steps={cfg['policy']['n_action_steps']} train.steps={cfg['train']['steps']}`"
+    )
+
+
 def trajectories(checkpoint: Path, seed: int, out: Path) -> None:
     """One world, every embodiment: the expert's path and the base's, on the map."""
     import matplotlib
@@ -155,6 +171,7 @@ def main() -> None:
             f"`{shlex.join([sys.executable.split('/')[-1], *sys.argv])}`",
             "",
             f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}",
+            *[f"- {base}: {how_trained(base)}" for base in args.bases],
             f"- load average before: {' '.join(f'{v:.2f}' for v in load)} (no timing here); "
             f"{time.time() - started:.0f} s in all",
             f"- expert: seeds {SEED_OFFSET}.. in 3 ranges of {args.episodes}; each base: seeds "

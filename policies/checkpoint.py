@@ -87,6 +87,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def spec_digest(folder: Path) -> str:
+    """The sha256 of a checkpoint folder's spec.json, which itself hashes every other file: what a
+    checkpoint that references another one (composed parents, a residual's base) records."""
+    return hashlib.sha256((Path(folder) / "spec.json").read_bytes()).hexdigest()
+
+
 def provenance() -> dict[str, Any]:
     """Where and when a checkpoint was made: enough to find the code that made it."""
     try:

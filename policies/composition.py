@@ -18,7 +18,6 @@ parent that was retrained or modified is refused by name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -37,6 +36,7 @@ from robomosaic.policies.checkpoint import (
     check_spec_fields,
     load_policy,
     save_checkpoint,
+    spec_digest,
 )
 from robomosaic.policies.inference import (
     CompositionError,
@@ -45,10 +45,6 @@ from robomosaic.policies.inference import (
     history_batch,
     sample_chunk,
 )
-
-
-def _spec_digest(path: Path) -> str:
-    return hashlib.sha256((path / "spec.json").read_bytes()).hexdigest()
 
 
 class ComposedPolicy(nn.Module):
@@ -166,7 +162,7 @@ class ComposedPolicy(nn.Module):
             if not (parent / "spec.json").is_file():
                 raise CheckpointError(f"parent {name}: {parent} is not a checkpoint folder (no spec.json)")
             rel = os.path.relpath(parent.resolve(), path.resolve())
-            parents.append({"name": name, "path": rel, "spec_sha256": _spec_digest(parent)})
+            parents.append({"name": name, "path": rel, "spec_sha256": spec_digest(parent)})
             if (hz := json.loads((parent / "spec.json").read_text()).get("control_hz")) is not None:
                 rates[name] = float(hz)
         if len(set(rates.values())) > 1:
@@ -205,7 +201,7 @@ class ComposedPolicy(nn.Module):
             folder = (ckpt.path / rel).resolve()
             if not (folder / "spec.json").is_file():
                 raise CheckpointError(f"{where}: parent {name} ({rel}) not found at {folder}")
-            if _spec_digest(folder) != digest:
+            if spec_digest(folder) != digest:
                 raise CheckpointError(
                     f"{where}: parent {name} at {folder} changed since the composition was saved "
                     "(its spec.json no longer matches spec_sha256); compose it again"

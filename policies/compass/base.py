@@ -60,11 +60,15 @@ class FrozenBase:
 
     def act(self, obs: Sequence[Obs], env_indices: Sequence[int]) -> np.ndarray:
         """The base's commands (len(obs), action_dim) for the worlds `env_indices` seeing `obs`."""
+        return self.act_batch({k: np.stack([o[k] for o in obs]) for k in self.obs_keys}, env_indices)
+
+    def act_batch(self, obs: Obs, env_indices: Sequence[int]) -> np.ndarray:
+        """`act` for observations already batched: {key: (len(env_indices), ...)}."""
         worlds = np.asarray(env_indices, dtype=int)
         for key in self.obs_keys:
             history = self._history[key]
             history[worlds, :-1] = history[worlds, 1:]
-            history[worlds, -1] = np.stack([np.asarray(o[key], dtype=np.float32) for o in obs])
+            history[worlds, -1] = obs[key]
         replan = worlds[self._used[worlds] >= self.n_action_steps]
         if len(replan):
             self._plan(replan)

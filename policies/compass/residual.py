@@ -18,11 +18,10 @@ TensorBoard curves under `tb/`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
+from robomosaic.conf import check_known_keys
 from robomosaic.conf.console import RobomosaicError
+from robomosaic.policies.checkpoint import spec_digest
 from robomosaic.policies.compass.base import FrozenBase
 from robomosaic.policies.compass.residual_env import ResidualNavEnv, residual_obs
 from robomosaic.policies.evaluate import load_checkpoint
@@ -72,10 +73,10 @@ class ResidualConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str) -> ResidualConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ResidualError(f"{where}: unknown residual settings {unknown}; known: {sorted(known)}")
+        try:
+            check_known_keys(values, cls, where)
+        except KeyError as e:
+            raise ResidualError(e.args[0]) from None
         return cls(**values)
 
 
@@ -117,17 +118,13 @@ def ppo_config(cfg: ResidualConfig) -> dict[str, Any]:
     }
 
 
-def _spec_digest(folder: Path) -> str:
-    return hashlib.sha256((folder / "spec.json").read_bytes()).hexdigest()
-
-
 def _save_specialist(out: Path, ppo: PPO, cfg: ResidualConfig, base: Path, obs_dim: int, it: int) -> None:
     tensors = {f"actor/{k}": v for k, v in ppo.actor.state_dict().items()}
     tensors |= {f"critic/{k}": v for k, v in ppo.critic.state_dict().items()}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / SPECIALIST_WEIGHTS))
     meta = {
         "config": asdict(cfg),
-        "base": {"path": os.path.relpath(base.resolve(), out.resolve()), "spec_sha256": _spec_digest(base)},
+        "base": {"path": os.path.relpath(base.resolve(), out.resolve()), "spec_sha256": spec_digest(base)},
         "obs_dim": obs_dim,
         "iterations_done": it,
     }
@@ -151,9 +148,9 @@ def _load_training_state(out: Path, ppo: PPO) -> dict[str, Any]:
     return meta
 
 
-def _load_models(folder: Path, ppo_actor: torch.nn.Module, critic: torch.nn.Module | None) -> None:
+def _load_models(folder: Path, actor: torch.nn.Module, critic: torch.nn.Module | None) -> None:
     tensors = load_file(str(folder / SPECIALIST_WEIGHTS))
-    ppo_actor.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("actor/")})
+    actor.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("actor/")})
     if critic is not None:
         critic.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("critic/")})
 
@@ -263,8 +260,8 @@ class SpecialistPolicy:
 
     @torch.no_grad()
     def act(self, obs: list[Obs], env_indices: list[int]) -> np.ndarray:
-        base_action = self.base.act(obs, env_indices)
         batch = {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+        base_action = self.base.act_batch(batch, env_indices)
         x = residual_obs(batch, base_action, self.base.features[np.asarray(env_indices, dtype=int)])
         tensors = TensorDict({"policy": torch.from_numpy(x)}, batch_size=[len(x)])
         return base_action + self.actor(tensors).numpy().astype(np.float64)
@@ -279,7 +276,7 @@ def load_specialist(folder: str | Path) -> Specialist:
     meta = json.loads(where.read_text())
     cfg = ResidualConfig.from_dict(meta["config"], str(where))
     base = (folder / meta["base"]["path"]).resolve()
-    if not (base / "spec.json").is_file() or _spec_digest(base) != meta["base"]["spec_sha256"]:
+    if not (base / "spec.json").is_file() or spec_digest(base) != meta["base"]["spec_sha256"]:
         raise ResidualError(f"{where}: its base {base} is missing or changed since training")
     policy, _ = load_checkpoint(base)
     dummy = TensorDict({"policy": torch.zeros(1, int(meta["obs_dim"]))}, batch_size=[1])

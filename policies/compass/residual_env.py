@@ -78,8 +78,7 @@ class ResidualNavEnv(VecEnv):
         return self.get_observations()
 
     def _act_base(self) -> np.ndarray:
-        rows = [{k: v[i] for k, v in self._obs.items()} for i in range(self.num_envs)]
-        return self.base.act(rows, range(self.num_envs))
+        return self.base.act_batch(self._obs, range(self.num_envs))
 
     def get_observations(self) -> TensorDict:
         x = residual_obs(self._obs, self._base_action, self.base.features)

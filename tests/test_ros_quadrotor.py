@@ -369,12 +369,16 @@ def test_failsafe_on_stale_or_nan_odometry_and_disarm(processes, probe, trigger)
         [0.0, 0.0, math.nan], [0, 0, 0, 1], [0, 0, 0], [0, 0, 0], "odom", "base_link", STAMP
     )
     published: list[float] = []
+    # Held while a message is sent and while the mode changes, so that a message already being sent
+    # when the odometry stops cannot leave after the moment this test takes as the last one.
+    source = threading.Lock()
 
     def publish() -> None:  # the fake odometry source, at 200 Hz
-        mode = state["mode"]
-        if mode != "stop":
-            probe.odom_pub.publish(hover if mode == "good" else broken)
-            published.append(time.monotonic())
+        with source:
+            mode = state["mode"]
+            if mode != "stop":
+                probe.odom_pub.publish(hover if mode == "good" else broken)
+                published.append(time.monotonic())
 
     timer = probe.node.create_timer(0.005, publish)
 
@@ -389,8 +393,9 @@ def test_failsafe_on_stale_or_nan_odometry_and_disarm(processes, probe, trigger)
             "control", lambda: probe.commands and not failsafe(probe.commands[-1][1]), 90, processes
         )
         count = len(probe.diagnostics)
-        state["mode"] = mode
-        since = published[-1] if mode == "stop" else time.monotonic()
+        with source:
+            state["mode"] = mode
+            since = published[-1] if mode == "stop" else time.monotonic()
         probe.wait_for(
             f"failsafe ({mode})",
             lambda: any(failsafe(c) for _, c in probe.commands_since(since)),

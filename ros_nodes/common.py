@@ -189,10 +189,16 @@ def stamp_to_seconds(stamp: Any) -> float:
 
 def seconds_to_stamp(t: float) -> Any:
     """Seconds as a builtin_interfaces/Time (nanoseconds rounded, never 1e9)."""
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"a ROS time stamp must be finite and >= 0 seconds, got {t}")
+    return nanoseconds_to_stamp(round(t * 1e9))
+
+
+def nanoseconds_to_stamp(ns: int) -> Any:
+    """Integer nanoseconds (>= 0) as a builtin_interfaces/Time, exactly."""
     require_rclpy()
     from builtin_interfaces.msg import Time
 
-    if not math.isfinite(t) or t < 0:
-        raise ValueError(f"a ROS time stamp must be finite and >= 0 seconds, got {t}")
-    ns = round(t * 1e9)
+    if ns < 0:
+        raise ValueError(f"a ROS time stamp must be >= 0 nanoseconds, got {ns}")
     return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)

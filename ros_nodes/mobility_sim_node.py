@@ -189,7 +189,7 @@ def _make_node_class():  # rclpy is imported only when a node is built
                 return
             self._new_episode()
             self.get_logger().info(f"{where}: new goal, episode {self.episode}")
-            self._publish(self.now())
+            self._publish()
 
         def _step_world(self, velocity: np.ndarray) -> None:
             _, _, _, truncated, info = self.env.step(velocity[None])

@@ -20,8 +20,13 @@ Stepping (`step_mode`):
   last episode: {...}").
 - `commanded`: one step per received motion command, as fast as commands arrive. Time is simulated:
   it starts at the wall-clock time of the node's start and advances one control period per step and
-  per reset, so consumers run with `use_sim_time:=true` and follow `/clock`. Commands are queued
-  (the newest 10) and stepped on the executor (a guard condition), not in the subscription callback.
+  per reset, counted in integer nanoseconds (float seconds near 1.8e9 would make a 0.1 s period
+  alternate between 100,000,000 and 99,999,744 ns), so consumers run with `use_sim_time:=true` and
+  follow `/clock`. Commands are queued (the newest 10) and stepped on the executor (a guard
+  condition), not in the subscription callback. While no command arrives, `/clock` is repeated,
+  unchanged, every `IDLE_CLOCK_PERIOD` seconds of wall time: a follower whose subscription matched
+  after the last one (DDS discovery is slow on a loaded machine) would otherwise keep time 0 and its
+  control timer would never fire, so it would never send the command that starts the lock step.
 
 Episodes: the node starts in the first seed's initial state. `~/reset` (std_srvs/Trigger; the reply's
 message is JSON {"seed", "episode"}) starts the next seed: `seeds` when given, otherwise `seed`,
@@ -50,6 +55,7 @@ import numpy as np
 from robomosaic.ros_nodes.common import require_rclpy
 
 STEP_MODES = ("realtime", "commanded")
+IDLE_CLOCK_PERIOD = 0.5  # s of wall time between repeats of an unchanged /clock (commanded mode)
 
 
 class RealtimeStats:
@@ -100,7 +106,7 @@ def stepped_sim_node_class() -> type:
     from std_msgs.msg import String
     from std_srvs.srv import Trigger
 
-    from robomosaic.ros_nodes.common import seconds_to_stamp, stamp_to_seconds
+    from robomosaic.ros_nodes.common import nanoseconds_to_stamp, stamp_to_seconds
 
     common_parameters = {
         "step_mode": "realtime",
@@ -136,6 +142,7 @@ def stepped_sim_node_class() -> type:
             self.step_group = MutuallyExclusiveCallbackGroup()
             self.command_group = MutuallyExclusiveCallbackGroup()
             self.dt = self._setup(p)
+            self._dt_ns = round(self.dt * 1e9)
             self.stats = RealtimeStats(self.dt)
 
             self.pub_clock = (
@@ -150,14 +157,16 @@ def stepped_sim_node_class() -> type:
 
             self._pending: deque[Any] = deque(maxlen=10)
             self._pending_lock = threading.Lock()
-            self._time = self._wall_time()
+            self._time_ns = self._wall_ns()  # commanded mode: the simulated time
+            self._last_publish = time.monotonic()
+            steady = Clock(clock_type=ClockType.STEADY_TIME)
             if self.step_mode == "realtime":
-                self.create_timer(
-                    self.dt, self._on_tick, callback_group=self.step_group,
-                    clock=Clock(clock_type=ClockType.STEADY_TIME),
-                )  # fmt: skip
+                self.create_timer(self.dt, self._on_tick, callback_group=self.step_group, clock=steady)
             else:
                 self._wake = self.create_guard_condition(self._on_commanded, callback_group=self.step_group)
+                self.create_timer(
+                    IDLE_CLOCK_PERIOD, self._on_idle, callback_group=self.step_group, clock=steady
+                )
             self._start_episode()
             self.get_logger().info(f"{self._describe()}, episode seed {self.seed}")
 
@@ -195,12 +204,15 @@ def stepped_sim_node_class() -> type:
             raise NotImplementedError
 
         # -- time ---------------------------------------------------------------------------------
-        def _wall_time(self) -> float:
-            return self.get_clock().now().nanoseconds * 1e-9
+        def _wall_ns(self) -> int:
+            return self.get_clock().now().nanoseconds
+
+        def _now_ns(self) -> int:
+            return self._wall_ns() if self.step_mode == "realtime" else self._time_ns
 
         def now(self) -> float:
-            """The robot's time: the wall clock (realtime) or the simulated time (commanded)."""
-            return self._wall_time() if self.step_mode == "realtime" else self._time
+            """The robot's time in seconds: the wall clock (realtime) or the simulated time (commanded)."""
+            return self._now_ns() * 1e-9
 
         # -- episodes -----------------------------------------------------------------------------
         def _start_episode(self) -> None:
@@ -213,8 +225,8 @@ def stepped_sim_node_class() -> type:
             self._reset_world(self.seed)
             self._new_episode()
             if self.step_mode == "commanded":
-                self._time += self.dt  # a reset takes one period, so that followers' timers see time move
-            self._publish(self.now())
+                self._time_ns += self._dt_ns  # a reset takes one period: followers' timers see time move
+            self._publish()
 
         def _new_episode(self) -> None:
             """A new episode from the world's current state; a node extends it to clear its own
@@ -259,7 +271,7 @@ def stepped_sim_node_class() -> type:
             self.stats.tick()
             if self.started and not self.done:
                 self._step(self._action_at(self.now(), fresh=False))
-            self._publish(self._wall_time())
+            self._publish()
 
         def _on_commanded(self) -> None:
             while True:
@@ -269,14 +281,22 @@ def stepped_sim_node_class() -> type:
                     command = self._pending.popleft()
                 if self.done:
                     continue  # a done episode takes no steps until the next one starts
-                self._apply_command(command, received=self._time)
-                self._step(self._action_at(self._time, fresh=True))
-                self._time += self.dt
-                self._publish(self._time)
+                self._apply_command(command, received=self.now())
+                self._step(self._action_at(self.now(), fresh=True))
+                self._time_ns += self._dt_ns
+                self._publish()
+
+        def _on_idle(self) -> None:
+            """Commanded mode: repeat the unchanged /clock when nothing was published for a while."""
+            if self.pub_clock is not None and time.monotonic() - self._last_publish >= IDLE_CLOCK_PERIOD:
+                self.pub_clock.publish(ClockMsg(clock=nanoseconds_to_stamp(self._time_ns)))
+                self._last_publish = time.monotonic()
 
         # -- publishing ---------------------------------------------------------------------------
-        def _publish(self, t: float) -> None:
-            stamp = seconds_to_stamp(t)
+        def _publish(self) -> None:
+            """The state at the robot's time now: the node's topics, /clock and ~/episode."""
+            stamp = nanoseconds_to_stamp(self._now_ns())
+            self._last_publish = time.monotonic()
             self._publish_state(stamp)
             if self.pub_clock is not None:
                 self.pub_clock.publish(ClockMsg(clock=stamp))

@@ -23,7 +23,9 @@ Parameters (a user's YAML file sets them; see config/policy_node.example.yaml):
   `observations.scan` (LaserScan), `observations.odom` (Odometry, field planar) and
   `observations.plan` (Path: the route's waypoints, then the goal, in the frame of /odom's pose),
   by the simulator's own functions (`NavigationObservation`), so that the node observes as
-  `MobilityEnv` does (see config/mobility_policy.yaml).
+  `MobilityEnv` does (see config/mobility_policy.yaml); `embodiment` (default ""): the base driven,
+  required by a cross-embodiment checkpoint (one that also observes `embodiment`, the one-hot of
+  robomosaic.sim.mobility.embodiments.embodiment_embedding; a held-out base gets its nearest known).
 - `command_type` trajectory | forward | twist, `command_topic` (default per type:
   /joint_trajectory_controller/joint_trajectory, /forward_command_controller/commands, /cmd_vel);
   twist takes 6-d actions (linear xyz, angular xyz) or a mobile base's 3-d (vx, vy, yaw rate) or
@@ -145,6 +147,7 @@ PARAMETERS: dict[str, Any] = {
     "gripper_dims": None,
     "task": "",
     "observation_adapter": "",
+    "embodiment": "",
     "seed": 0,
     "autostart": False,
 }
@@ -263,8 +266,13 @@ class NavigationObservation:
     rejects it and the node holds, as it does for any other key.
     """
 
-    def __init__(self, bindings: dict[str, messages.TopicBinding], obs_spec: dict[str, KeySpec]) -> None:
-        from robomosaic.sim.mobility.env import OBS_SPEC
+    def __init__(
+        self, bindings: dict[str, messages.TopicBinding], obs_spec: dict[str, KeySpec], embodiment: str = ""
+    ) -> None:
+        """`embodiment`: the base the node drives, told to a cross-embodiment policy (one whose
+        checkpoint observes `embodiment` too) as `embodiment_embedding`; unused otherwise."""
+        from robomosaic.sim.mobility.embodiments import EmbodimentError, embodiment_embedding
+        from robomosaic.sim.mobility.env import EMBODIMENT_KEY, EMBODIMENT_SPEC, OBS_SPEC
 
         for key, (type_, field) in NAVIGATION_INPUTS.items():
             binding = bindings.get(key)
@@ -281,12 +289,25 @@ class NavigationObservation:
                 f"{list(NAVIGATION_INPUTS)}"
             )
         expected = {k: tuple(s.shape) for k, s in OBS_SPEC.items()}
+        cross = {**expected, EMBODIMENT_KEY: tuple(EMBODIMENT_SPEC.shape)}
         got = {k: tuple(s.shape) for k, s in obs_spec.items()}
-        if got != expected:
+        if got not in (expected, cross):
             raise ConfigurationError(
                 f"observation_adapter navigation: the checkpoint observes {got}, not a navigation "
-                f"policy's {expected}"
+                f"policy's {expected} (or, across embodiments, {cross})"
             )
+        self.embedding: np.ndarray | None = None
+        if got == cross:
+            if not embodiment:
+                raise ConfigurationError(
+                    f"the checkpoint is a cross-embodiment policy (it observes {EMBODIMENT_KEY!r}, "
+                    f"{EMBODIMENT_SPEC.description}): set the parameter embodiment to the base it "
+                    "drives (launch argument embodiment:=...)"
+                )
+            try:
+                self.embedding = embodiment_embedding(embodiment)
+            except EmbodimentError as e:
+                raise ConfigurationError(f"parameter embodiment: {e}") from None
         self.hops = expected["route"][0] // 2
 
     def value(self, binding: messages.TopicBinding, msg: Any, value: np.ndarray) -> np.ndarray:
@@ -323,13 +344,16 @@ class NavigationObservation:
 
     def observe(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The policy observation from the newest value of every input."""
-        from robomosaic.sim.mobility.env import navigation_obs
+        from robomosaic.sim.mobility.env import EMBODIMENT_KEY, navigation_obs
 
         odom, plan = values["odom"], values["plan"]
         obs = navigation_obs(
             values["scan"][None], odom[None, 3:], plan[None, -1], plan[None, :-1], odom[None, :3]
         )
-        return {key: value[0] for key, value in obs.items()}
+        obs = {key: value[0] for key, value in obs.items()}
+        if self.embedding is not None:
+            obs[EMBODIMENT_KEY] = self.embedding.copy()
+        return obs
 
 
 def _float_list(name: str, value: Any) -> list[float] | None:
@@ -441,7 +465,9 @@ class PolicyNode(LifecycleNode):
         )
         adapter = str(self._param("observation_adapter"))
         if adapter == "navigation":
-            self.adapter: NavigationObservation | None = NavigationObservation(self.bindings, self.obs_spec)
+            self.adapter: NavigationObservation | None = NavigationObservation(
+                self.bindings, self.obs_spec, str(self._param("embodiment"))
+            )
         elif adapter:
             raise ConfigurationError(
                 f"parameter observation_adapter: {adapter!r} is not '' (topics bound per key) or 'navigation'"

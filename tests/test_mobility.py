@@ -15,8 +15,11 @@ from robomosaic.sim.mobility.embodiments import (
     BaseDynamics,
     Embodiment,
     EmbodimentError,
+    embodiment_embedding,
     embodiment_names,
+    known_embodiments,
     load_embodiment,
+    nearest_known,
     sample_embodiment,
 )
 from robomosaic.sim.mobility.env import COLLISION_PENALTY, SCAN_CAP, MobilityEnv
@@ -99,6 +102,25 @@ def test_the_held_out_embodiment_never_appears_in_training_configs():
             assert name not in text.split(), f"{path} names the held-out embodiment {name}"
 
 
+def test_the_embodiment_embedding_is_a_one_hot_of_the_nearest_known_base():
+    assert known_embodiments() == embodiment_names(include_held_out=False)
+    for name in known_embodiments():
+        assert nearest_known(name) == name
+        np.testing.assert_array_equal(embodiment_embedding(name), np.eye(4)[known_embodiments().index(name)])
+    # g1, the held-out humanoid, is told it is the known humanoid: a slow, laggy, drifting base
+    assert nearest_known("g1") == "h1"
+    env = MobilityEnv(["carter", "g1", "spot"])
+    env.reset([0, 1, 2])
+    obs = env.observe()["embodiment"]
+    assert obs.dtype == np.float32
+    np.testing.assert_array_equal(obs, np.stack([embodiment_embedding(n) for n in ("carter", "h1", "spot")]))
+    # a base in between: its nearest known one, whatever its name
+    almost_kaya = dataclasses.replace(
+        load_embodiment("kaya"), name="kaya2", lag=load_embodiment("kaya").lag + 0.01
+    )
+    assert nearest_known(almost_kaya) == "kaya"
+
+
 def test_worlds_are_seeded_and_keep_start_and_goal_free():
     for seed in range(12):
         world = make_world(seed)
@@ -173,7 +195,16 @@ def test_collect_records_navigation_demonstrations(tmp_path):
     summary = collect(cfg, progress=False)
     assert summary.stored == 6
     store = EpisodeStore.open(out)
-    assert set(store.spec.keys) == {"scan", "velocity", "goal", "route", "action", "reward", "state"}
+    assert set(store.spec.keys) == {
+        "scan",
+        "velocity",
+        "goal",
+        "route",
+        "embodiment",
+        "action",
+        "reward",
+        "state",
+    }
     assert store.spec.extra["embodiments"] == ["kaya"]
     assert all(b.startswith("kaya/") for b in store.meta_array("behaviour"))
     assert all(store.meta_array("success"))

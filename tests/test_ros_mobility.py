@@ -2,7 +2,9 @@
 binding, each node in its own process, this test process a ROS 2 client. ROS_DOMAIN_ID 19.
 
 - without DDS: what the sim node publishes, serialized as on the wire and observed through the policy
-  node's `NavigationObservation`, equals `MobilityEnv.observe()` for every embodiment;
+  node's `NavigationObservation`, equals `MobilityEnv.observe()` for every embodiment, for a
+  single-embodiment policy and, with the parameter `embodiment`, for a cross-embodiment one (whose
+  checkpoint is refused without that parameter or with an unknown base);
 - the sim node: /odom, /scan and /plan with their types, frames and sizes, observed as in process; a
   goal inside an obstacle refused naming the goal and the world (the old goal kept), a free one
   accepted; /cmd_vel moving the base as in process (commanded), and stopping it once commands stop
@@ -40,8 +42,8 @@ from sensor_msgs.msg import LaserScan  # noqa: E402
 from robomosaic.ros_nodes import messages  # noqa: E402
 from robomosaic.ros_nodes.common import command_qos, seconds_to_stamp, sensor_qos  # noqa: E402
 from robomosaic.ros_nodes.mobility_sim_node import state_messages  # noqa: E402
-from robomosaic.ros_nodes.policy_node import NavigationObservation, parse_bindings  # noqa: E402
-from robomosaic.sim.mobility.env import OBS_SPEC, MobilityEnv  # noqa: E402
+from robomosaic.ros_nodes.policy_node import ConfigurationError, NavigationObservation, parse_bindings  # noqa: E402
+from robomosaic.sim.mobility.env import EMBODIMENT_KEY, EMBODIMENT_SPEC, OBS_SPEC, MobilityEnv  # noqa: E402
 
 DOMAIN_ID = 19  # this file's DDS domain, passed explicitly (ros_processes, every rclpy context)
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,16 +56,23 @@ MAX_OBS_AGE = 0.2  # config/mobility_policy.yaml
 EMBODIMENTS = ("carter", "kaya", "h1", "spot", "g1")
 
 
-def navigation_observation() -> tuple[NavigationObservation, dict]:
+CROSS_SPEC = {**OBS_SPEC, EMBODIMENT_KEY: EMBODIMENT_SPEC}  # a cross-embodiment policy's observation
+
+
+def navigation_observation(
+    obs_spec: dict = OBS_SPEC, embodiment: str = ""
+) -> tuple[NavigationObservation, dict]:
     """The policy node's adapter with the bindings of config/mobility_policy.yaml."""
     observations = yaml.safe_load(POLICY_PARAMS.read_text())["policy"]["ros__parameters"]["observations"]
     bindings = parse_bindings({f"{k}.{a}": v for k, entry in observations.items() for a, v in entry.items()})
-    return NavigationObservation(bindings, dict(OBS_SPEC)), bindings
+    return NavigationObservation(bindings, dict(obs_spec), embodiment), bindings
 
 
-def observe_messages(odom: object, scan: object, plan: object) -> dict[str, np.ndarray]:
+def observe_messages(
+    odom: object, scan: object, plan: object, obs_spec: dict = OBS_SPEC, embodiment: str = ""
+) -> dict[str, np.ndarray]:
     """What the policy node observes from one /odom, /scan and /plan message."""
-    adapter, bindings = navigation_observation()
+    adapter, bindings = navigation_observation(obs_spec, embodiment)
     values = {
         key: adapter.value(bindings[key], msg, messages.message_to_array(msg, bindings[key]))
         for key, msg in (("odom", odom), ("scan", scan), ("plan", plan))
@@ -72,8 +81,9 @@ def observe_messages(odom: object, scan: object, plan: object) -> dict[str, np.n
 
 
 def assert_same_observation(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
-    assert set(got) == set(expected)
-    for key in expected:
+    """`got` (one world) equals world 0 of `expected` on every key `got` has: all of OBS_SPEC's."""
+    assert set(OBS_SPEC) <= set(got) <= set(expected)
+    for key in got:
         np.testing.assert_array_equal(got[key], expected[key][0], err_msg=key)
 
 
@@ -89,7 +99,17 @@ def test_the_node_observes_what_the_simulator_observes(embodiment: str) -> None:
         odom, scan, plan, _ = state_messages(env, 12.5)
         wire = [deserialize_message(serialize_message(m), type(m)) for m in (odom, scan, plan)]
         assert_same_observation(observe_messages(*wire), env.observe())
+        cross = observe_messages(*wire, obs_spec=CROSS_SPEC, embodiment=embodiment)
+        assert set(cross) == set(CROSS_SPEC)
+        assert_same_observation(cross, env.observe())
         env.step(rng.uniform(-0.3, 0.3, (1, 3)))
+
+
+def test_a_cross_embodiment_policy_needs_a_known_embodiment() -> None:
+    with pytest.raises(ConfigurationError, match="set the parameter embodiment"):
+        navigation_observation(CROSS_SPEC)
+    with pytest.raises(ConfigurationError, match="parameter embodiment: unknown embodiment 'rover'"):
+        navigation_observation(CROSS_SPEC, "rover")
 
 
 def test_twist_takes_a_mobile_base_action() -> None:

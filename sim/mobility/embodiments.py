@@ -189,3 +189,43 @@ class BaseDynamics:
 def wrap_angle(a: np.ndarray) -> np.ndarray:
     """Angles wrapped into [-pi, pi)."""
     return (np.asarray(a) + np.pi) % (2 * np.pi) - np.pi
+
+
+def known_embodiments() -> list[str]:
+    """The embodiments a cross-embodiment policy is trained on (every config not held out), in the
+    order of the one-hot `embodiment_embedding`."""
+    return embodiment_names(include_held_out=False)
+
+
+def _descriptor(e: Embodiment) -> np.ndarray:
+    """The parameters that set how a base moves and senses, as one vector."""
+    s = e.scan
+    return np.array(
+        [float(e.drive == "holonomic"), e.radius, *e.max_speed, *e.max_accel, e.lag, e.yaw_bias,
+         e.lateral_slip, s.fov_deg, s.rays, s.height, s.range, s.noise],
+        dtype=np.float64,
+    )  # fmt: skip
+
+
+def nearest_known(embodiment: str | Embodiment) -> str:
+    """`embodiment` itself when it is known, otherwise the known base nearest to it: Euclidean
+    distance between parameter vectors, each parameter divided by its spread over the known bases
+    (so that a scan's ray count does not outweigh a lag)."""
+    e = load_embodiment(embodiment)
+    names = known_embodiments()
+    if e.name in names and not e.held_out:
+        return e.name
+    known = np.stack([_descriptor(load_embodiment(n)) for n in names])
+    spread = known.std(axis=0)
+    spread[spread == 0] = 1.0
+    distance = np.linalg.norm((known - _descriptor(e)) / spread, axis=1)
+    return names[int(np.argmin(distance))]
+
+
+def embodiment_embedding(embodiment: str | Embodiment) -> np.ndarray:
+    """(len(known_embodiments()),) float32 one-hot of `nearest_known(embodiment)`: what a
+    cross-embodiment policy is told about the base it drives."""
+    names = known_embodiments()
+    onehot = np.zeros(len(names), dtype=np.float32)
+    onehot[names.index(nearest_known(embodiment))] = 1.0
+    return onehot

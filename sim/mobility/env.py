@@ -27,7 +27,13 @@ import mujoco
 import numpy as np
 
 from robomosaic.data.spec import KeySpec
-from robomosaic.sim.mobility.embodiments import BaseDynamics, Embodiment, load_embodiment
+from robomosaic.sim.mobility.embodiments import (
+    BaseDynamics,
+    Embodiment,
+    embodiment_embedding,
+    known_embodiments,
+    load_embodiment,
+)
 from robomosaic.sim.mobility.planner import ROUTE_HOPS, GridPlanner, RouteTable, to_body_frame
 from robomosaic.sim.mobility.worlds import FAMILIES, HEIGHT, MAX_BOXES, ROOM, World, make_world
 from robomosaic.sim.tasks import TaskSpec
@@ -45,6 +51,12 @@ OBS_SPEC: dict[str, KeySpec] = {
     "goal": KeySpec((2,), "float32", "m", "base", "goal position"),
     "route": KeySpec((2 * len(ROUTE_HOPS),), "float32", "m", "base", "planner route waypoints x, y"),
 }
+# A cross-embodiment policy also observes which base it drives (COMPASS's embodiment one-hot); the
+# single-embodiment base and the residuals observe OBS_SPEC only.
+EMBODIMENT_KEY = "embodiment"
+EMBODIMENT_SPEC = KeySpec(
+    (len(known_embodiments()),), "float32", "", "", f"one-hot of the nearest of {known_embodiments()}"
+)
 ACTION_SPEC = KeySpec((3,), "float32", "m/s, rad/s", "base", "velocity command vx, vy, yaw rate")
 
 
@@ -122,6 +134,7 @@ class MobilityEnv:
             model = mujoco.MjModel.from_xml_string(_model_xml(e))
             self._models.append(model)
             self._data.append(mujoco.MjData(model))
+        self._embedding = np.stack([embodiment_embedding(e) for e in self.embodiments])
         self._base_body = self._models[0].body("base").id
         self._footprint = self._models[0].geom("footprint").id
         self.worlds: list[World | None] = [None] * self.n
@@ -141,7 +154,7 @@ class MobilityEnv:
         names = sorted({e.name for e in self.embodiments})
         return TaskSpec(
             "nav",
-            dict(OBS_SPEC),
+            {**OBS_SPEC, EMBODIMENT_KEY: EMBODIMENT_SPEC},
             ACTION_SPEC,
             CONTROL_HZ,
             self.max_steps,
@@ -281,15 +294,17 @@ class MobilityEnv:
         return np.linalg.norm(goals - self.pose[:, :2], axis=1)
 
     def observe(self) -> dict[str, np.ndarray]:
-        """The observation of every world (see `OBS_SPEC`), each key (N, ...)."""
+        """The observation of every world (`OBS_SPEC` and `EMBODIMENT_KEY`), each key (N, ...)."""
         goals = np.array([w.goal for w in self.worlds])
-        return navigation_obs(
+        obs = navigation_obs(
             np.stack([pool_scan(r, s) for r, s in zip(self._raw_scans, self._sector, strict=True)]),
             self.velocity,
             goals,
             self._route,
             self.pose,
         )
+        obs[EMBODIMENT_KEY] = self._embedding.copy()
+        return obs
 
     def expert_route(self, indices: Sequence[int]) -> np.ndarray:
         """(len(indices), hops * 2) the route around every obstacle, mapped or not, in each base's

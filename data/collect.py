@@ -30,7 +30,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count, islice
@@ -141,24 +141,35 @@ def _scripted_episodes(
             yield result.trajectory, meta
 
 
-def _navigation_episodes(
-    cfg: DictConfig, seeds: Iterator[int], budget: int, wanted_more: Callable[[], int]
+def navigation_episodes(
+    env: Any, seeds: Iterable[int], policy: Any, wanted_more: Callable[[], int] | None = None
 ) -> Iterator[Episode]:
-    """Run the route expert in `cfg.workers` worlds of one batched navigation environment."""
-    from robomosaic.sim.mobility.rollout import RouteExpertPolicy, run_navigation
+    """`policy` (any `robomosaic.sim.vector.Policy`: the route expert, a specialist) driving the
+    worlds of the `MobilityEnv` `env` on `seeds`, each episode recorded as it ends, until
+    `wanted_more()` reaches 0 (or the caller stops)."""
+    from robomosaic.sim.mobility.rollout import run_navigation
 
-    env = _navigation_env(cfg, max(1, min(int(cfg.workers), budget)))
-    for episode in run_navigation(env, islice(seeds, budget), RouteExpertPolicy(env), record=True):
+    for episode in run_navigation(env, seeds, policy, record=True):
         meta = {
             "seed": episode.seed,
             "success": episode.success,
-            "task": cfg.task.name,
+            "task": env.spec.name,
             "behaviour": f"{episode.embodiment}/{episode.family}",
             "duration": episode.time,
         }
         yield episode.trajectory, meta
-        if wanted_more() <= 0:
+        if wanted_more is not None and wanted_more() <= 0:
             return
+
+
+def _navigation_episodes(
+    cfg: DictConfig, seeds: Iterator[int], budget: int, wanted_more: Callable[[], int]
+) -> Iterator[Episode]:
+    """Run the route expert in `cfg.workers` worlds of one batched navigation environment."""
+    from robomosaic.sim.mobility.rollout import RouteExpertPolicy
+
+    env = _navigation_env(cfg, max(1, min(int(cfg.workers), budget)))
+    return navigation_episodes(env, islice(seeds, budget), RouteExpertPolicy(env), wanted_more)
 
 
 def _navigation_env(cfg: DictConfig, n_worlds: int) -> Any:
@@ -218,12 +229,35 @@ def collect(cfg: DictConfig, progress: bool = True) -> CollectSummary:
             episodes = _scripted_episodes(cfg, seeds, budget, lambda: wanted - summary.stored)
     else:
         episodes = _teleop_episodes(cfg, task, device, seeds)
-    bar = tqdm(total=wanted, desc=f"collect {cfg.task.name}", unit="episode", disable=not progress)
+    try:
+        store_episodes(
+            store, episodes, wanted, bool(cfg.keep_failed), summary, f"collect {cfg.task.name}", progress
+        )
+    finally:
+        if cfg.device.name != "scripted":
+            task.close()
+    summary.seconds = time.time() - started
+    return summary
+
+
+def store_episodes(
+    store: EpisodeStore,
+    episodes: Iterator[Episode],
+    wanted: int,
+    keep_failed: bool,
+    summary: CollectSummary,
+    desc: str,
+    progress: bool = True,
+) -> None:
+    """Append `episodes` to `store` as they end until `wanted` are stored (failed ones only with
+    `keep_failed`), counting into `summary`; Ctrl-C stops after storing what finished, and the
+    generator is closed at the end (which stops its workers or viewer)."""
+    bar = tqdm(total=wanted, desc=desc, unit="episode", disable=not progress)
     try:
         for data, meta in episodes:
             summary.attempted += 1
             summary.successes += bool(meta["success"])
-            if meta["success"] or cfg.keep_failed:
+            if meta["success"] or keep_failed:
                 with _ctrl_c_after():
                     store.append_episode(data, meta)
                     summary.stored += 1
@@ -237,12 +271,8 @@ def collect(cfg: DictConfig, progress: bool = True) -> CollectSummary:
         summary.interrupted = True
     finally:
         bar.close()
-        episodes.close()  # stops the workers or the viewer
-        if cfg.device.name != "scripted":
-            task.close()
+        episodes.close()
     summary.store_episodes = store.n_episodes
-    summary.seconds = time.time() - started
-    return summary
 
 
 @console_script("robomosaic-collect")

@@ -1,4 +1,5 @@
-"""COMPASS stage 2: the frozen base, the residual specialist's start and its training loop."""
+"""COMPASS stages 2 and 3: the frozen base, the residual specialist's start and its training loop;
+the teachers' rollouts, the distilled generalist and its agreement with them; the stages' command."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from robomosaic.data.store import EpisodeStore
 from robomosaic.policies.compass.base import FrozenBase
+from robomosaic.policies.compass.distill import GENERALIST_OBS_KEYS, record_teachers, teacher_seeds
 from robomosaic.policies.compass.residual import (
     ResidualConfig,
     ResidualError,
@@ -18,8 +21,9 @@ from robomosaic.policies.compass.residual import (
     train_residual,
 )
 from robomosaic.policies.evaluate import load_checkpoint
+from robomosaic.sim.mobility.embodiments import embodiment_embedding
 from robomosaic.sim.mobility.env import MobilityEnv
-from robomosaic.sim.mobility.rollout import run_navigation
+from robomosaic.sim.mobility.rollout import RouteExpertPolicy, run_navigation
 
 ROOT = Path(__file__).resolve().parents[1]
 NAV_CHECKPOINT = ROOT / "tests" / "assets" / "nav_flow"
@@ -80,22 +84,58 @@ def test_residual_training_logs_saves_and_resumes(tmp_path):
         load_specialist(out)
 
 
-def test_the_compass_command_trains_and_evaluates_specialists(tmp_path, capsys):
+def test_teachers_rollouts_are_recorded_per_embodiment_with_its_one_hot_and_resumed(tmp_path):
+    teachers = {"carter": RouteExpertPolicy, "kaya": RouteExpertPolicy}
+    store_path = tmp_path / "rollouts.zarr"
+    first = record_teachers(teachers, store_path, episodes=2, worlds=2, seed=1, progress=False)
+    assert {e: r["episodes"] for e, r in first.items()} == {"carter": 2, "kaya": 2}
+    store = EpisodeStore.open(store_path)
+    assert store.n_episodes == 4 and all(store.meta_array("success"))
+    seeds = store.meta_array("seed")
+    for k, name in enumerate(teachers):
+        own = teacher_seeds(1, k, 2)
+        episodes = [i for i, s in enumerate(seeds) if s in own]
+        assert len(episodes) == 2
+        for i in episodes:
+            np.testing.assert_array_equal(store.episode(i)["embodiment"][0], embodiment_embedding(name))
+    again = record_teachers(teachers, store_path, episodes=3, worlds=2, seed=1, progress=False)
+    assert {e: (r["episodes"], r["recorded"]) for e, r in again.items()} == {"carter": (3, 1), "kaya": (3, 1)}
+    assert EpisodeStore.open(store_path).n_episodes == 6
+
+
+def test_the_compass_command_trains_distills_and_evaluates(tmp_path, capsys):
+    """Toy sizes, the real stages: a specialist on carter (the nav_flow base reaches its goals
+    there, so its rollouts can be recorded), the generalist trained on them, the evaluation."""
     from robomosaic.policies.compass.cli import main
 
     common = [
         f"out={tmp_path}",
         f"base.checkpoint={NAV_CHECKPOINT}",
-        "residual.embodiments=[kaya]",
+        "residual.embodiments=[carter]",
         "progress=false",
     ]
     main(["residual", *common, "residual.config.worlds=4", "residual.config.iterations=1",
           "residual.config.steps_per_env=8"])  # fmt: skip
-    assert (tmp_path / "residual" / "kaya" / "s0" / "residual.safetensors").is_file()
+    assert (tmp_path / "residual" / "carter" / "s0" / "residual.safetensors").is_file()
+    tiny = "distill.train=['policy=unet','flow=flow','policy.horizon=8','policy.n_action_steps=2'," \
+        "'train.steps=20','train.eval_every=0','train.batch_size=16']"  # fmt: skip
+    distill = [*common, "distill.episodes=3", "distill.worlds=3", "distill.agreement_episodes=2", tiny]
+    main(["distill", *distill])
+    folder = tmp_path / "distill" / "s0"
+    _, spec = load_checkpoint(folder / "policy" / "best")
+    assert list(spec["obs"]) == GENERALIST_OBS_KEYS
+    agreement_report = json.loads((folder / "agreement.json").read_text())
+    assert (
+        agreement_report["carter"]["episodes"] == 2 and len(agreement_report["carter"]["abs_error_mean"]) == 3
+    )
+    main(["distill", *distill])  # done: nothing recorded or trained again
+    assert EpisodeStore.open(folder / "rollouts.zarr").n_episodes == 3
     main(["eval", *common, "eval.episodes=3", "eval.worlds=3", "eval.embodiments=[carter,kaya]"])
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert sorted(report["arms"]) == ["base", "specialist kaya s0"]
-    assert sorted(report["arms"]["base"]) == ["carter", "kaya"]
-    assert report["arms"]["specialist kaya s0"]["kaya"]["episodes"] == 3
+    assert sorted(report["arms"]) == ["base", "generalist s0", "specialist carter s0"]
+    assert sorted(report["arms"]["generalist s0"]) == ["carter", "kaya"]
+    assert report["arms"]["specialist carter s0"]["carter"]["episodes"] == 3
+    kept = sorted(p.name for p in (tmp_path / "eval" / "arms").iterdir())
+    assert kept == ["base.json", "generalist_s0.json", "specialist_carter_s0.json"]
     with pytest.raises(SystemExit, match="no imitation base"):
         main(["residual", f"out={tmp_path / 'empty'}"])

@@ -2,17 +2,20 @@
 
     robomosaic-compass base out=runs/compass          # out/base/: demonstrations on carter + the base
     robomosaic-compass residual out=runs/compass      # out/residual/<embodiment>/s<seed>/: specialists
+    robomosaic-compass distill out=runs/compass       # out/distill/s<seed>/: rollouts, generalist, agreement
     robomosaic-compass eval out=runs/compass          # out/eval/results.json
 
 `base.checkpoint=<folder>` uses an existing imitation base (COMPASS part 1) instead of stage 1's.
 Each stage reads what the previous one wrote under `out`, fails with the command to run first when
-it is missing, and continues where it stopped (`resume=true`). The config is conf/compass.yaml.
+it is missing, and continues where it stopped (`resume=true`); eval keeps each finished arm in
+out/eval/arms/ and reuses it. The config is conf/compass.yaml.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from robomosaic.conf.console import console_script
 from robomosaic.policies.compass.base import FrozenBase
+from robomosaic.policies.compass.distill import GENERALIST_OBS_KEYS, agreement, record_teachers
 from robomosaic.policies.compass.residual import ResidualConfig, load_specialist, train_residual
 from robomosaic.policies.evaluate import load_checkpoint
 from robomosaic.policies.evaluate_navigation import evaluate_runner
+from robomosaic.policies.rollout import ExecutorPolicy
 from robomosaic.sim.mobility.embodiments import embodiment_names
 
 PROGRAM = "robomosaic-compass"
-STAGES = ("base", "residual", "eval")
+STAGES = ("base", "residual", "distill", "eval")
 USAGE = f"usage: {PROGRAM} {{{'|'.join(STAGES)}}} [key=value ...]   (config: conf/compass.yaml)"
 
 
@@ -45,7 +50,6 @@ def base_checkpoint(cfg: DictConfig, out: Path) -> Path:
 def stage_base(cfg: DictConfig, out: Path) -> None:
     """Route-expert demonstrations on embodiment A, then the flow-matching base trained on them."""
     from robomosaic.data.collect import main as collect
-    from robomosaic.policies.train import main as train
 
     store, policy = out / "base" / "demos.zarr", out / "base" / "policy"
     if not (store / "meta").exists():
@@ -58,14 +62,48 @@ def stage_base(cfg: DictConfig, out: Path) -> None:
                 f"out={store}",
             ]
         )
+    train_policy(cfg, store, policy, list(cfg.base.train))
+    print(f"{PROGRAM} base: {policy / 'best'}")
+
+
+def train_policy(cfg: DictConfig, store: Path, policy: Path, overrides: list[str]) -> Path:
+    """`robomosaic-train task=nav` on `store` into `policy` unless it is done; resumes a started run."""
+    from robomosaic.policies.train import main as train
+
     if not (policy / "best" / "spec.json").is_file():
         resume = ["resume=true"] if cfg.resume and (policy / "last").exists() else []
-        train(["task=nav", f"dataset={store}", f"out={policy}", *list(cfg.base.train), *resume])
-    print(f"{PROGRAM} base: {policy / 'best'}")
+        train(["task=nav", f"dataset={store}", f"out={policy}", *overrides, *resume])
+    return policy / "best"
 
 
 def specialist_folder(out: Path, embodiment: str, seed: int) -> Path:
     return out / "residual" / embodiment / f"s{seed}"
+
+
+def specialist_at(out: Path, embodiment: str, seed: int) -> Path:
+    """A trained specialist's folder, or the command that makes it."""
+    folder = specialist_folder(out, embodiment, seed)
+    if not (folder / "residual.json").is_file():
+        raise SystemExit(
+            f"{PROGRAM}: no specialist at {folder}; run `{PROGRAM} residual out={out} "
+            f'"residual.seeds=[{seed}]"`'
+        )
+    return folder
+
+
+def specialist_runner(folder: Path) -> Callable[[Any], Any]:
+    """The specialist in `folder` over an environment's worlds."""
+    specialist = load_specialist(folder)
+    return lambda env: specialist.policy(env.n)
+
+
+def generalist_folder(out: Path, seed: int) -> Path:
+    return out / "distill" / f"s{seed}"
+
+
+def executor(policy: Any) -> Any:
+    """A trained chunk policy as robomosaic-eval and the ROS 2 node run it, over an env's worlds."""
+    return lambda env: ExecutorPolicy(policy, env.spec, seed=0, gripper_dims=())
 
 
 def stage_residual(cfg: DictConfig, out: Path) -> None:
@@ -84,10 +122,31 @@ def stage_residual(cfg: DictConfig, out: Path) -> None:
             print(f"{PROGRAM} residual: {folder} {json.dumps(metrics)}")
 
 
+def stage_distill(cfg: DictConfig, out: Path) -> None:
+    """Per training seed: the specialists' successful rollouts, the generalist trained on them with
+    the embodiment one-hot, and its agreement with each specialist on held-apart seeds."""
+    d = cfg.distill
+    for seed in (int(s) for s in cfg.residual.seeds):
+        folder = generalist_folder(out, seed)
+        embodiments = [str(e) for e in cfg.residual.embodiments]
+        teachers = {e: specialist_runner(specialist_at(out, e, seed)) for e in embodiments}
+        store = folder / "rollouts.zarr"
+        recorded = record_teachers(teachers, store, int(d.episodes), int(d.worlds), seed, bool(cfg.progress))
+        print(f"{PROGRAM} distill: {store} {json.dumps(recorded)}")
+        keys = f"task.obs_keys=[{','.join(GENERALIST_OBS_KEYS)}]"
+        best = train_policy(cfg, store, folder / "policy", [keys, f"seed={seed}", *list(d.train)])
+        student, _ = load_checkpoint(best)
+        seeds = range(int(d.agreement_seed), int(d.agreement_seed) + int(d.agreement_episodes))
+        report = {e: agreement(teachers[e], executor(student), e, seeds) for e in teachers}
+        (folder / "agreement.json").write_text(json.dumps(report, indent=1))
+        for e, r in report.items():
+            print(f"{PROGRAM} distill s{seed} on {e}: |generalist - specialist| mean {r['abs_error_mean']}")
+
+
 def stage_eval(cfg: DictConfig, out: Path, command: str) -> dict[str, Any]:
-    """The base on every embodiment; each specialist on its own."""
+    """The base and each generalist on every embodiment; each specialist on its own. Each arm's
+    results are kept in out/eval/arms/ and reused by the next run."""
     base_path = base_checkpoint(cfg, out)
-    base, _ = load_checkpoint(base_path)
     kwargs = {
         "episodes": int(cfg.eval.episodes),
         "worlds": int(cfg.eval.worlds),
@@ -95,23 +154,34 @@ def stage_eval(cfg: DictConfig, out: Path, command: str) -> dict[str, Any]:
     }
     report: dict[str, Any] = {"command": command, "base": str(base_path), "arms": {}}
     embodiments = list(cfg.eval.embodiments or embodiment_names(include_held_out=True))
-    report["arms"]["base"] = evaluate_runner(
-        lambda env: FrozenBase(base, env.n), embodiments, label="base", **kwargs
-    )
-    for embodiment in cfg.residual.embodiments:
-        for seed in cfg.residual.seeds:
-            folder = specialist_folder(out, embodiment, seed)
-            if not (folder / "residual.json").is_file():
-                raise SystemExit(
-                    f"{PROGRAM} eval: no specialist at {folder}; run `{PROGRAM} residual out={out}`"
-                )
-            specialist = load_specialist(folder)
-            report["arms"][f"specialist {embodiment} s{seed}"] = evaluate_runner(
-                lambda env, s=specialist: s.policy(env.n),
-                [str(embodiment)],
-                label=f"specialist s{seed}",
-                **kwargs,
-            )
+    cache = out / "eval" / "arms"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+
+    def arm(name: str, load: Callable[[], Any], on: list[str]) -> None:
+        """Results of the arm `name` (its runner built by `load()`) on `on`, cached by name."""
+        path = cache / f"{name.replace(' ', '_')}.json"
+        settings = {**kwargs, "embodiments": on}
+        settings.pop("progress")
+        if path.is_file() and (kept := json.loads(path.read_text()))["settings"] == settings:
+            report["arms"][name] = kept["results"]
+            return
+        results = evaluate_runner(load(), on, label=name, **kwargs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": settings, "results": results}))
+        report["arms"][name] = results
+
+    def frozen_base() -> Any:
+        base, _ = load_checkpoint(base_path)
+        return lambda env: FrozenBase(base, env.n)
+
+    arm("base", frozen_base, embodiments)
+    for seed in cfg.residual.seeds:
+        for embodiment in cfg.residual.embodiments:
+            folder = specialist_at(out, str(embodiment), int(seed))
+            arm(f"specialist {embodiment} s{seed}", lambda f=folder: specialist_runner(f), [str(embodiment)])
+        best = generalist_folder(out, int(seed)) / "policy" / "best"
+        if (best / "spec.json").is_file():
+            arm(f"generalist s{seed}", lambda b=best: executor(load_checkpoint(b)[0]), embodiments)
     target = out / "eval" / "results.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=1))
@@ -141,12 +211,10 @@ def main(argv: list[str]) -> None:
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
     out = Path(cfg.out)
-    if stage == "base":
-        stage_base(cfg, out)
-    elif stage == "residual":
-        stage_residual(cfg, out)
-    else:
+    if stage == "eval":
         stage_eval(cfg, out, shlex.join([PROGRAM, *argv]))
+    else:
+        {"base": stage_base, "residual": stage_residual, "distill": stage_distill}[stage](cfg, out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""COMPASS results (docs/results/compass.md): the imitation base and the residual specialists, from
-`robomosaic-compass eval`'s results.json, with each specialist's learning curve and training time.
+"""COMPASS results (docs/results/compass.md): the imitation base, the residual specialists and the
+distilled generalists, from `robomosaic-compass eval`'s results.json, with the targets of issue 17
+checked, the generalists' agreement with the specialists, learning curves and every stage's wall time.
 
-    .venv/bin/robomosaic-compass residual out=runs/compass base.checkpoint=runs/mobility/base10k_s0/best
-    .venv/bin/robomosaic-compass eval out=runs/compass base.checkpoint=runs/mobility/base10k_s0/best
+    .venv/bin/robomosaic-compass base out=runs/compass
+    .venv/bin/robomosaic-compass residual out=runs/compass "residual.seeds=[0,1,2]"
+    .venv/bin/robomosaic-compass distill out=runs/compass "residual.seeds=[0,1,2]"
+    .venv/bin/robomosaic-compass eval out=runs/compass "residual.seeds=[0,1,2]"
     .venv/bin/python bench/compass.py runs/compass --results docs/results/compass.md
 """
 
@@ -65,6 +68,43 @@ def curves(out: Path, folders: list[Path], plot: Path) -> dict[str, float]:
     return seconds
 
 
+def train_seconds(policy: Path) -> float | None:
+    """Wall time of a robomosaic-train run, from its TensorBoard events (first to last scalar)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    times = []
+    for events in sorted((policy / "tb").glob("events.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        times += [e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
+    return max(times) - min(times) if times else None
+
+
+def by_seed(report: dict, kind: str) -> dict[str, dict[str, list[dict]]]:
+    """{embodiment: {arm: results}} of the arms named '<kind> ...'."""
+    found: dict[str, dict[str, list[dict]]] = defaultdict(dict)
+    for arm, results in report["arms"].items():
+        if arm.startswith(kind + " "):
+            for embodiment, r in results.items():
+                found[embodiment][arm] = r
+    return found
+
+
+def fmt(values: list[float]) -> str:
+    return ", ".join(f"{x:.3f}" for x in values)
+
+
+def row(name: str, label: str, runs: list[dict], base_rate: float, extra: str = "") -> tuple[str, float]:
+    rate, interval, collision, wtt = pooled(runs)
+    per_seed = ", ".join(f"{r['success_rate']:.0%}" for r in runs)
+    ratio = f"{rate / base_rate:.2f}x" if base_rate else "inf"
+    line = (
+        f"| {name} | {label} | {len(runs)} | {cell(rate, interval)} | {per_seed} | {collision:.1%} | "
+        f"{wtt:.1f} | {ratio} | {extra} |"
+    )
+    return line, rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="robomosaic-compass out folder")
@@ -72,45 +112,94 @@ def main() -> None:
     args = parser.parse_args()
     report = json.loads((args.out / "eval" / "results.json").read_text())
     base = report["arms"]["base"]
-    specialists: dict[str, list[dict]] = defaultdict(list)
-    for arm, results in report["arms"].items():
-        if arm.startswith("specialist "):
-            embodiment = arm.split()[1]
-            specialists[embodiment].append(results[embodiment])
+    specialists, generalists = by_seed(report, "specialist"), by_seed(report, "generalist")
     table = [
-        "| embodiment | arm | runs | success (95 % interval) | collision | weighted travel time (s) "
-        "| vs base |",
-        "|---|---|---:|---|---:|---:|---:|",
+        "| embodiment | arm | runs | success (95 % interval) | per run | collision | weighted travel "
+        "time (s) | vs base | generalist vs specialist |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|",
     ]
+    checks = []
     for name in base:
         b = pooled([base[name]])
-        table.append(f"| {name} | base | 1 | {cell(b[0], b[1])} | {b[2]:.1%} | {b[3]:.1f} | 1.00x |")
+        table.append(row(name, "base", [base[name]], b[0])[0])
+        s_rate = None
         if name in specialists:
-            s = pooled(specialists[name])
-            ratio = s[0] / b[0] if b[0] else float("inf")
-            table.append(
-                f"| {name} | specialist | {len(specialists[name])} | {cell(s[0], s[1])} | "
-                f"{s[2]:.1%} | {s[3]:.1f} | {ratio:.2f}x |"
-            )
+            line, s_rate = row(name, "specialist", list(specialists[name].values()), b[0])
+            table.append(line)
+            if name != "carter":
+                target = min(2 * b[0], 0.9)
+                checks.append((f"specialist on {name} >= {target:.1%} (2x base, or 90 %)", s_rate >= target))
+        if name in generalists:
+            runs = list(generalists[name].values())
+            g_rate = pooled(runs)[0]
+            relative = f"{(g_rate - s_rate) / s_rate:+.1%}" if s_rate else ""
+            held_out = " (told: nearest known)" if name not in specialists else ""
+            table.append(row(name, "generalist" + held_out, runs, b[0], relative)[0])
+            if s_rate:
+                checks.append((f"generalist on {name} within 10 % of the specialist", g_rate >= 0.9 * s_rate))
+            else:
+                checks.append(
+                    (f"generalist on held-out {name} >= 2x base ({2 * b[0]:.1%})", g_rate >= 2 * b[0])
+                )
+    agreement = [
+        "| run | embodiment | teacher success | steps | mean abs error vx, vy, yaw rate | p95 "
+        "| mean abs teacher |",
+        "|---|---|---:|---:|---|---|---|",
+    ]
+    seconds: dict[str, float | None] = {"base training": train_seconds(args.out / "base" / "policy")}
+    for folder in sorted((args.out / "distill").glob("s*")):
+        if (folder / "agreement.json").is_file():
+            for e, r in json.loads((folder / "agreement.json").read_text()).items():
+                agreement.append(
+                    f"| {folder.name} | {e} | {r['teacher_success_rate']:.0%} | {r['steps']} | "
+                    f"{fmt(r['abs_error_mean'])} | {fmt(r['abs_error_p95'])} | {fmt(r['teacher_abs_mean'])} |"
+                )
+        timing = (
+            json.loads((folder / "seconds.json").read_text()) if (folder / "seconds.json").is_file() else {}
+        )
+        seconds[f"distill {folder.name}: recording"] = timing.get("record")
+        seconds[f"distill {folder.name}: generalist training"] = train_seconds(folder / "policy")
+        seconds[f"distill {folder.name}: agreement"] = timing.get("agreement")
     plot = (args.results.parent if args.results else args.out / "eval") / "compass_curves.png"
     folders = sorted(p.parent for p in (args.out / "residual").glob("*/s*/metrics.jsonl"))
-    seconds = curves(args.out, folders, plot)
+    residual_seconds = curves(args.out, folders, plot)
+    seconds.update({f"residual {k}": v for k, v in residual_seconds.items()})
+    for arm, results in report["arms"].items():
+        seconds[f"eval {arm}"] = sum(r["seconds"] for r in results.values())
     episodes = next(iter(base.values()))["episodes"]
     text = "\n".join(
         [
-            "# COMPASS: imitation base and residual specialists",
+            "# COMPASS: imitation base, residual specialists, distilled generalist",
             "",
             f"`{report['command']}`, then `python bench/compass.py {args.out}"
             + (f" --results {args.results}`" if args.results else "`"),
             "",
             f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}; load average "
-            f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} (no timing here)",
-            f"- base: {report['base']}; {episodes} episodes per arm and embodiment on seeds 1000000..; "
-            "intervals are Wilson 95 % over the pooled episodes; a specialist runs on its own embodiment",
-            "- training wall time per specialist on this CPU: "
-            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()),
+            f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+            f"- base: {report['base']}; {episodes} episodes per arm, run and embodiment on seeds 1000000..; "
+            "intervals are Wilson 95 % over the pooled episodes of the runs (one per training seed); "
+            "a specialist runs on its own embodiment, a generalist on every one (on the held-out one "
+            "told the nearest known embodiment)",
             "",
             *table,
+            "",
+            "## Targets (issue 17)",
+            "",
+            *[f"- {'met' if ok else 'NOT met'}: {what}" for what, ok in checks],
+            "",
+            "## The generalist beside each specialist on the specialist's own episodes",
+            "",
+            "The specialist drives; the generalist (through the chunk executor) sees the same observations; "
+            "errors are per command dimension, in m/s and rad/s.",
+            "",
+            *agreement,
+            "",
+            "## Wall time of every stage on this CPU (stages ran two at a time on the 2 cores)",
+            "",
+            *[
+                f"- {k}: {v / 60:.1f} min" if v is not None else f"- {k}: not recorded"
+                for k, v in seconds.items()
+            ],
             "",
             f"![learning curves]({plot.name})",
             "",

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,17 @@ def train_policy(cfg: DictConfig, store: Path, policy: Path, overrides: list[str
     return policy / "best"
 
 
+@contextmanager
+def timed(path: Path, name: str) -> Iterator[None]:
+    """Add the block's wall seconds to `name` in the json file `path` (summed over resumed runs)."""
+    start = time.perf_counter()
+    yield
+    seconds = json.loads(path.read_text()) if path.is_file() else {}
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(seconds))
+
+
 def specialist_folder(out: Path, embodiment: str, seed: int) -> Path:
     return out / "residual" / embodiment / f"s{seed}"
 
@@ -131,13 +144,18 @@ def stage_distill(cfg: DictConfig, out: Path) -> None:
         embodiments = [str(e) for e in cfg.residual.embodiments]
         teachers = {e: specialist_runner(specialist_at(out, e, seed)) for e in embodiments}
         store = folder / "rollouts.zarr"
-        recorded = record_teachers(teachers, store, int(d.episodes), int(d.worlds), seed, bool(cfg.progress))
+        with timed(folder / "seconds.json", "record"):
+            recorded = record_teachers(
+                teachers, store, int(d.episodes), int(d.worlds), seed, bool(cfg.progress)
+            )
         print(f"{PROGRAM} distill: {store} {json.dumps(recorded)}")
         keys = f"task.obs_keys=[{','.join(GENERALIST_OBS_KEYS)}]"
-        best = train_policy(cfg, store, folder / "policy", [keys, f"seed={seed}", *list(d.train)])
+        with timed(folder / "seconds.json", "train"):
+            best = train_policy(cfg, store, folder / "policy", [keys, f"seed={seed}", *list(d.train)])
         student, _ = load_checkpoint(best)
         seeds = range(int(d.agreement_seed), int(d.agreement_seed) + int(d.agreement_episodes))
-        report = {e: agreement(teachers[e], executor(student), e, seeds) for e in teachers}
+        with timed(folder / "seconds.json", "agreement"):
+            report = {e: agreement(teachers[e], executor(student), e, seeds) for e in teachers}
         (folder / "agreement.json").write_text(json.dumps(report, indent=1))
         for e, r in report.items():
             print(f"{PROGRAM} distill s{seed} on {e}: |generalist - specialist| mean {r['abs_error_mean']}")

@@ -361,38 +361,45 @@ def test_policy_node_holds_on_stale_odometry_and_non_finite_scans() -> None:
 
 
 # -- through the launch file ----------------------------------------------------------------------
-def test_launch_file_base_policy_reaches_goals_on_carter(tmp_path: Path) -> None:
-    """Lock step (commanded sim, the policy on its clock, chunks inside the control tick), driven seed
-    by seed by robomosaic-ros-eval, against in-process episodes of the same seeds."""
+def launch_and_evaluate(
+    checkpoint: Path, embodiment: str, episodes: int, tmp_path: Path
+) -> tuple[dict, list, str]:
+    """mobility_sim_policy.launch.xml in lock step (commanded sim, the policy on its clock, chunks
+    inside the control tick), driven seed by seed by robomosaic-ros-eval, and in-process episodes of
+    the same seeds meanwhile; returns the ROS report, the in-process episodes and the launch output."""
     from robomosaic.policies.checkpoint import load_policy
     from robomosaic.policies.rollout import ExecutorPolicy
     from robomosaic.sim.mobility.rollout import run_navigation
 
-    episodes = 10
     launch = ros_processes.start_process(
         [sys.executable, "-m", "robomosaic.ros_nodes.launch", "mobility_sim_policy.launch.xml",
-         f"checkpoint:={CHECKPOINT}", "embodiment:=carter", f"seed:={SEED}", "step_mode:=commanded",
+         f"checkpoint:={checkpoint}", f"embodiment:={embodiment}", f"seed:={SEED}", "step_mode:=commanded",
          "use_sim_time:=true", "inference:=simulated"], DOMAIN_ID,
     )  # fmt: skip
-    report = tmp_path / "ros_eval.json"
+    report = tmp_path / f"ros_eval_{embodiment}.json"
     try:
         driver = ros_processes.start_process(
             [sys.executable, "-m", "robomosaic.ros_nodes.ros_eval", "--ros-args",
              "-p", f"episodes:={episodes}", "-p", f"seed_offset:={SEED}", "-p", f"out:={report}",
              "-p", "episode_timeout:=60.0"], DOMAIN_ID,
         )  # fmt: skip
-        env = MobilityEnv(["carter"] * 2)  # in process meanwhile: lock step does not mind the load
-        policy = ExecutorPolicy(load_policy(CHECKPOINT), env.spec, gripper_dims=())
+        env = MobilityEnv([embodiment] * 2)  # in process meanwhile: lock step does not mind the load
+        policy = ExecutorPolicy(load_policy(checkpoint), env.spec, gripper_dims=())
         local = list(run_navigation(env, range(SEED, SEED + episodes), policy))
-        driver.wait(timeout=300)
+        driver.wait(timeout=600)
         driver_out = ros_processes.stop_node(driver)
     finally:
         launch_out = ros_processes.stop_node(launch)
     assert driver.returncode == 0, f"{driver_out[-3000:]}\nlaunch:\n{launch_out[-4000:]}"
     ros = json.loads(report.read_text())
-    local_successes = sum(e.success for e in local)
-    print(f"carter over ROS: {ros['successes']}/{episodes} in {ros['wall_time_s']:.0f} s "
-          f"(steps {[e['steps'] for e in ros['per_episode']]}); in process: {local_successes}/{episodes} "
+    print(f"{checkpoint.name} on {embodiment} over ROS: {ros['successes']}/{episodes} in "
+          f"{ros['wall_time_s']:.0f} s (steps {[e['steps'] for e in ros['per_episode']]}); in process: "
+          f"{sum(e.success for e in local)}/{episodes} "
           f"(steps {[e.steps for e in sorted(local, key=lambda e: e.seed)]})")  # fmt: skip
+    return ros, local, launch_out
+
+
+def test_launch_file_base_policy_reaches_goals_on_carter(tmp_path: Path) -> None:
+    ros, local, launch_out = launch_and_evaluate(CHECKPOINT, "carter", 10, tmp_path)
     assert ros["success_rate"] >= 0.4, launch_out[-4000:]  # 5/10 here; the base: 75 % over 200 seeds
-    assert abs(ros["successes"] - local_successes) <= 2
+    assert abs(ros["successes"] - sum(e.success for e in local)) <= 2

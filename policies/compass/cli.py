@@ -14,17 +14,16 @@ out/eval/arms/ and reuses it. The config is conf/compass.yaml.
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robomosaic.conf.console import console_script
+from robomosaic.conf.stages import parse_stage
 from robomosaic.policies.compass.base import FrozenBase
 from robomosaic.policies.compass.distill import GENERALIST_OBS_KEYS, agreement, record_teachers
 from robomosaic.policies.compass.residual import ResidualConfig, load_specialist, train_residual
@@ -35,7 +34,6 @@ from robomosaic.sim.mobility.embodiments import embodiment_names
 
 PROGRAM = "robomosaic-compass"
 STAGES = ("base", "residual", "distill", "eval")
-USAGE = f"usage: {PROGRAM} {{{'|'.join(STAGES)}}} [key=value ...]   (config: conf/compass.yaml)"
 
 
 def base_checkpoint(cfg: DictConfig, out: Path) -> Path:
@@ -215,24 +213,15 @@ def stage_eval(cfg: DictConfig, out: Path, command: str) -> dict[str, Any]:
 
 @console_script(PROGRAM)
 def main(argv: list[str]) -> None:
-    from robomosaic.conf import compose
-
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__ if argv else USAGE)
-        if not argv:
-            raise SystemExit(2)
+    run = parse_stage(PROGRAM, __doc__, "compass", STAGES, argv)
+    if run is None:
         return
-    stage, overrides = argv[0], argv[1:]
-    if stage not in STAGES:
-        raise SystemExit(f"{PROGRAM}: unknown stage {stage!r}\n{USAGE}")
-    cfg = compose("compass", overrides)
-    if cfg.torch_threads:
-        torch.set_num_threads(int(cfg.torch_threads))
-    out = Path(cfg.out)
-    if stage == "eval":
-        stage_eval(cfg, out, shlex.join([PROGRAM, *argv]))
+    if run.stage == "eval":
+        stage_eval(run.cfg, run.out, run.command)
     else:
-        {"base": stage_base, "residual": stage_residual, "distill": stage_distill}[stage](cfg, out)
+        {"base": stage_base, "residual": stage_residual, "distill": stage_distill}[run.stage](
+            run.cfg, run.out
+        )
 
 
 if __name__ == "__main__":

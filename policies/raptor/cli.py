@@ -13,7 +13,6 @@ conf/raptor.yaml.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from robomosaic.conf.stages import parse_stage
 from robomosaic.policies.checkpoint import CheckpointError
 from robomosaic.policies.raptor.distill import POLICY_TYPES, DistillConfig, distill, load_distilled
 from robomosaic.policies.raptor.evaluate import (
@@ -164,33 +164,18 @@ def stage_export(cfg: DictConfig, out: Path) -> dict[str, Path]:
     return paths
 
 
-USAGE = f"usage: {PROGRAM} {{{'|'.join(STAGES)}}} [key=value ...]   (config: conf/raptor.yaml)"
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    from robomosaic.conf import compose
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__ if argv else USAGE)
-        if not argv:
-            raise SystemExit(2)
+    run = parse_stage(PROGRAM, __doc__, "raptor", STAGES, list(sys.argv[1:] if argv is None else argv))
+    if run is None:
         return
-    stage, overrides = argv[0], argv[1:]
-    if stage not in STAGES:
-        raise SystemExit(f"{PROGRAM}: unknown stage {stage!r}\n{USAGE}")
-    cfg = compose("raptor", overrides)
-    if cfg.torch_threads:
-        torch.set_num_threads(int(cfg.torch_threads))
-    out = Path(cfg.out)
-    command = shlex.join([PROGRAM, *argv])
+    stage, cfg, out = run.stage, run.cfg, run.out
     try:
         if stage == "train-teachers":
             stage_train_teachers(cfg, out)
         elif stage == "distill":
             stage_distill(cfg, out)
         elif stage == "eval":
-            stage_eval(cfg, out, command)
+            stage_eval(cfg, out, run.command)
         else:
             stage_export(cfg, out)
     except (KeyError, ValueError, CheckpointError) as e:

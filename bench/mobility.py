@@ -74,6 +74,29 @@ def how_trained(checkpoint: Path) -> str:
     )
 
 
+def datasets(checkpoints: list[Path]) -> list[str]:
+    """The stores the bases were trained on (from their run folders' config.yaml), each once."""
+    import yaml
+
+    configs = [Path(c).parent / "config.yaml" for c in checkpoints]
+    return sorted({yaml.safe_load(c.read_text())["dataset"] for c in configs if c.is_file()})
+
+
+def how_collected(store: str) -> str:
+    """The robomosaic-collect command that records a store like `store` (from the store itself)."""
+    from robomosaic.data.store import EpisodeStore
+
+    if not Path(store).exists():
+        return "store not found"
+    opened = EpisodeStore.open(store)
+    embodiments = opened.spec.extra.get("embodiments", [])
+    return (
+        f"{opened.n_episodes} route-expert episodes on {', '.join(embodiments)}: `robomosaic-collect "
+        f"task=nav task.embodiment={','.join(embodiments)} episodes={opened.n_episodes} workers=32 "
+        f"out={store}`"
+    )
+
+
 def trajectories(checkpoint: Path, seed: int, out: Path) -> None:
     """One world, every embodiment: the expert's path and the base's, on the map."""
     import matplotlib
@@ -172,6 +195,7 @@ def main() -> None:
             "",
             f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}",
             *[f"- {base}: {how_trained(base)}" for base in args.bases],
+            *[f"- {store}: {how_collected(store)}" for store in datasets(args.bases)],
             f"- load average before: {' '.join(f'{v:.2f}' for v in load)} (no timing here); "
             f"{time.time() - started:.0f} s in all",
             f"- expert: seeds {SEED_OFFSET}.. in 3 ranges of {args.episodes}; each base: seeds "

@@ -141,21 +141,24 @@ def stage_distill(cfg: DictConfig, out: Path) -> None:
         folder = generalist_folder(out, seed)
         embodiments = [str(e) for e in cfg.residual.embodiments]
         teachers = {e: specialist_runner(specialist_at(out, e, seed)) for e in embodiments}
-        store = folder / "rollouts.zarr"
-        with timed(folder / "seconds.json", "record"):
-            recorded = record_teachers(
-                teachers, store, int(d.episodes), int(d.worlds), seed, bool(cfg.progress)
-            )
-        print(f"{PROGRAM} distill: {store} {json.dumps(recorded)}")
+        store, recorded = folder / "rollouts.zarr", folder / "recorded.json"
+        if not recorded.is_file():  # written once every teacher has its episodes or used its attempts
+            with timed(folder / "seconds.json", "record"):
+                report = record_teachers(
+                    teachers, store, int(d.episodes), int(d.worlds), seed, bool(cfg.progress)
+                )
+            recorded.write_text(json.dumps(report, indent=1))
+        print(f"{PROGRAM} distill: {store} {recorded.read_text()}")
         keys = f"task.obs_keys=[{','.join(GENERALIST_OBS_KEYS)}]"
         with timed(folder / "seconds.json", "train"):
             best = train_policy(cfg, store, folder / "policy", [keys, f"seed={seed}", *list(d.train)])
-        student, _ = load_checkpoint(best)
-        seeds = range(int(d.agreement_seed), int(d.agreement_seed) + int(d.agreement_episodes))
-        with timed(folder / "seconds.json", "agreement"):
-            report = {e: agreement(teachers[e], executor(student), e, seeds) for e in teachers}
-        (folder / "agreement.json").write_text(json.dumps(report, indent=1))
-        for e, r in report.items():
+        if not (folder / "agreement.json").is_file():
+            student, _ = load_checkpoint(best)
+            seeds = range(int(d.agreement_seed), int(d.agreement_seed) + int(d.agreement_episodes))
+            with timed(folder / "seconds.json", "agreement"):
+                close = {e: agreement(teachers[e], executor(student), e, seeds) for e in teachers}
+            (folder / "agreement.json").write_text(json.dumps(close, indent=1))
+        for e, r in json.loads((folder / "agreement.json").read_text()).items():
             print(f"{PROGRAM} distill s{seed} on {e}: |generalist - specialist| mean {r['abs_error_mean']}")
 
 

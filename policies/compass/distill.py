@@ -19,6 +19,7 @@ records its seed and stores bound every value by 1e6.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
@@ -35,13 +36,13 @@ from robomosaic.sim.vector import Obs, Policy
 GENERALIST_OBS_KEYS = [*OBS_SPEC, EMBODIMENT_KEY]
 DISTILL_SEEDS = 500_000
 SEEDS_PER_TEACHER = 10_000
-ATTEMPTS_PER_EPISODE = 3  # a teacher may try 3x as many episodes as are wanted from it
+ATTEMPTS_PER_EPISODE = 5  # a teacher tries at most 5x as many episodes as are wanted from it
 
 MakePolicy = Callable[[MobilityEnv], Policy]
 
 
 class DistillError(RuntimeError):
-    """Recording stopped before every teacher's episodes were stored."""
+    """Recording was interrupted before every teacher's episodes were stored."""
 
 
 def teacher_seeds(seed: int, k: int, n_teachers: int) -> range:
@@ -61,8 +62,10 @@ def record_teachers(
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """`episodes` successful episodes of each teacher (embodiment -> a function building its policy
-    over an environment's worlds) on its own embodiment, appended to the store `out`. Resumable: a
-    teacher's episodes already in the store count. Returns {embodiment: what this run recorded}."""
+    over an environment's worlds) on its own embodiment, appended to the store `out`, within
+    `ATTEMPTS_PER_EPISODE` times as many attempts (a weak teacher records fewer, with a warning).
+    Resumable: a teacher's episodes already in the store count. Returns {embodiment: what this run
+    recorded}."""
     names = list(teachers)
     spec = navigation_dataset_spec(MobilityEnv(names))
     store = EpisodeStore.open_or_create(out, spec)
@@ -83,9 +86,10 @@ def record_teachers(
             if summary.interrupted:
                 raise DistillError(f"{out}: interrupted while recording {embodiment}'s episodes")
             if summary.stored < wanted:
-                raise DistillError(
-                    f"{out}: the {embodiment} teacher succeeded in {summary.successes} of "
-                    f"{summary.attempted} episodes, {have + summary.stored} of {episodes} stored"
+                warnings.warn(
+                    f"{out}: the {embodiment} teacher succeeded in {summary.successes} of its "
+                    f"{summary.attempted} attempts; {have + summary.stored} of {episodes} episodes stored",
+                    stacklevel=2,
                 )
         report[embodiment] = {
             "episodes": have + summary.stored,

@@ -12,7 +12,7 @@ import pytest
 
 from robomosaic.data.store import EpisodeStore
 from robomosaic.policies.compass.base import FrozenBase
-from robomosaic.policies.compass.distill import GENERALIST_OBS_KEYS, record_teachers, teacher_seeds
+from robomosaic.policies.compass.distill import GENERALIST_OBS_KEYS, agreement, record_teachers, teacher_seeds
 from robomosaic.policies.compass.residual import (
     ResidualConfig,
     ResidualError,
@@ -139,3 +139,26 @@ def test_the_compass_command_trains_distills_and_evaluates(tmp_path, capsys):
     assert kept == ["base.json", "generalist_s0.json", "specialist_carter_s0.json"]
     with pytest.raises(SystemExit, match="no imitation base"):
         main(["residual", f"out={tmp_path / 'empty'}"])
+
+
+COMPASS_ASSETS = ROOT / "tests" / "assets" / "compass"  # base, two specialists, the generalist (README there)
+AGREEMENT_SEEDS = range(2_000_000, 2_000_010)  # the distill stage's agreement seeds
+AGREEMENT_TOLERANCE = 0.1  # m/s and rad/s: the mean |generalist - specialist| of any command dimension
+
+
+@pytest.mark.parametrize("embodiment", ["kaya", "spot"])
+def test_the_generalist_follows_each_specialist_on_its_own_episodes(embodiment):
+    """The specialist drives; the distilled generalist, told the embodiment, sees the same
+    observations. Its commands stay within AGREEMENT_TOLERANCE of the specialist's on average, and
+    far closer than the imitation base's (which the specialist corrects)."""
+    from robomosaic.policies.compass.cli import executor, specialist_runner
+
+    specialist = specialist_runner(COMPASS_ASSETS / "residual" / embodiment / "s0")
+    generalist, _ = load_checkpoint(COMPASS_ASSETS / "distill" / "s0" / "policy" / "best")
+    base, _ = load_checkpoint(COMPASS_ASSETS / "base" / "policy" / "best")
+    ours = agreement(specialist, executor(generalist), embodiment, AGREEMENT_SEEDS, worlds=10)
+    reference = agreement(specialist, executor(base), embodiment, AGREEMENT_SEEDS, worlds=10)
+    print(embodiment, "generalist", ours["abs_error_mean"], "base", reference["abs_error_mean"])
+    assert ours["teacher_success_rate"] >= 0.5
+    assert max(ours["abs_error_mean"]) <= AGREEMENT_TOLERANCE
+    assert np.mean(ours["abs_error_mean"]) <= 0.5 * np.mean(reference["abs_error_mean"])

@@ -80,6 +80,17 @@ def train_seconds(policy: Path) -> float | None:
     return max(times) - min(times) if times else None
 
 
+def teacher_episodes(folder: Path) -> dict[str, int]:
+    """{embodiment: episodes} in a distill folder's rollout store."""
+    from robomosaic.data.store import EpisodeStore
+
+    behaviours = EpisodeStore.open(folder / "rollouts.zarr").meta_array("behaviour")
+    counts: dict[str, int] = defaultdict(int)
+    for b in behaviours:
+        counts[str(b).split("/")[0]] += 1
+    return dict(counts)
+
+
 def by_seed(report: dict, kind: str) -> dict[str, dict[str, list[dict]]]:
     """{embodiment: {arm: results}} of the arms named '<kind> ...'."""
     found: dict[str, dict[str, list[dict]]] = defaultdict(dict)
@@ -147,6 +158,7 @@ def main() -> None:
         "|---|---|---:|---:|---|---|---|",
     ]
     seconds: dict[str, float | None] = {"base training": train_seconds(args.out / "base" / "policy")}
+    rollouts: list[str] = []
     for folder in sorted((args.out / "distill").glob("s*")):
         if (folder / "agreement.json").is_file():
             for e, r in json.loads((folder / "agreement.json").read_text()).items():
@@ -154,6 +166,9 @@ def main() -> None:
                     f"| {folder.name} | {e} | {r['teacher_success_rate']:.0%} | {r['steps']} | "
                     f"{fmt(r['abs_error_mean'])} | {fmt(r['abs_error_p95'])} | {fmt(r['teacher_abs_mean'])} |"
                 )
+        if (folder / "rollouts.zarr").exists():
+            counts = teacher_episodes(folder)
+            rollouts.append(f"- {folder.name}: " + ", ".join(f"{e} {n}" for e, n in counts.items()))
         timing = (
             json.loads((folder / "seconds.json").read_text()) if (folder / "seconds.json").is_file() else {}
         )
@@ -187,6 +202,10 @@ def main() -> None:
             "",
             *[f"- {'met' if ok else 'NOT met'}: {what}" for what, ok in checks],
             "",
+            "## The generalists' training data: successful rollouts per teacher",
+            "",
+            *rollouts,
+            "",
             "## The generalist beside each specialist on the specialist's own episodes",
             "",
             "The specialist drives; the generalist (through the chunk executor) sees the same observations; "
@@ -194,7 +213,9 @@ def main() -> None:
             "",
             *agreement,
             "",
-            "## Wall time of every stage on this CPU (stages ran two at a time on the 2 cores)",
+            "## Wall time of every stage on this CPU",
+            "",
+            "Stages ran two to four at a time on the 2 cores, so each took longer than it would alone.",
             "",
             *[
                 f"- {k}: {v / 60:.1f} min" if v is not None else f"- {k}: not recorded"

@@ -78,13 +78,16 @@ def train_policy(cfg: DictConfig, store: Path, policy: Path, overrides: list[str
 
 @contextmanager
 def timed(path: Path, name: str) -> Iterator[None]:
-    """Add the block's wall seconds to `name` in the json file `path` (summed over resumed runs)."""
+    """Add the block's wall seconds to `name` in the json file `path` (summed over resumed runs;
+    also when the block raises, Ctrl-C included)."""
     start = time.perf_counter()
-    yield
-    seconds = json.loads(path.read_text()) if path.is_file() else {}
-    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(seconds))
+    try:
+        yield
+    finally:
+        seconds = json.loads(path.read_text()) if path.is_file() else {}
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(seconds))
 
 
 def specialist_folder(out: Path, embodiment: str, seed: int) -> Path:

@@ -142,7 +142,7 @@ def test_the_compass_command_trains_distills_and_evaluates(tmp_path, capsys):
 
 
 COMPASS_ASSETS = ROOT / "tests" / "assets" / "compass"  # base, two specialists, the generalist (README there)
-AGREEMENT_SEEDS = range(2_000_000, 2_000_010)  # the distill stage's agreement seeds
+AGREEMENT_SEEDS = range(2_000_000, 2_000_006)  # the distill stage's agreement seeds
 AGREEMENT_TOLERANCE = 0.1  # m/s and rad/s: the mean |generalist - specialist| of any command dimension
 
 
@@ -156,8 +156,8 @@ def test_the_generalist_follows_each_specialist_on_its_own_episodes(embodiment):
     specialist = specialist_runner(COMPASS_ASSETS / "residual" / embodiment / "s0")
     generalist, _ = load_checkpoint(COMPASS_ASSETS / "distill" / "s0" / "policy" / "best")
     base, _ = load_checkpoint(COMPASS_ASSETS / "base" / "policy" / "best")
-    ours = agreement(specialist, executor(generalist), embodiment, AGREEMENT_SEEDS, worlds=10)
-    reference = agreement(specialist, executor(base), embodiment, AGREEMENT_SEEDS, worlds=10)
+    ours = agreement(specialist, executor(generalist), embodiment, AGREEMENT_SEEDS, worlds=6)
+    reference = agreement(specialist, executor(base), embodiment, AGREEMENT_SEEDS, worlds=6)
     print(embodiment, "generalist", ours["abs_error_mean"], "base", reference["abs_error_mean"])
     assert ours["teacher_success_rate"] >= 0.5
     assert max(ours["abs_error_mean"]) <= AGREEMENT_TOLERANCE
